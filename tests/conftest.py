@@ -12,7 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SHARED_DATA = Path(os.environ.get("GRADSIFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+def _find_shared_data() -> Path:
+    candidates = [os.environ.get("GRADSIFT_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data",
+                  "/work/shared/data"]
+    for c in candidates:
+        if c and Path(c).exists():
+            return Path(c)
+    return Path(candidates[1])
+
+
+SHARED_DATA = _find_shared_data()
 
 
 @pytest.fixture(scope="session")
