@@ -1,0 +1,89 @@
+"""nn.Linear and GPT-2's Conv1D: y = x W^T (+ b).
+
+Per sample, with A (T x d_in) the layer input and G (T x d_out) the output gradient,
+grad W = G^T A and ||G^T A||_F^2 = <A A^T, G G^T>_F. The Gram ("ghost") form costs
+about 2 T^2 (d_in + d_out) flops, materializing G^T A costs 2 T d_in d_out: the
+cheaper one is chosen per call, from the actual T. Bias: ||sum_t g_t||^2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd
+
+# Upper bound on the floats of per-sample gradients materialized at once.
+MATERIALIZE_BUDGET = 2**26
+
+
+def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """sum over t,s of (a_t . a_s)(g_t . g_s) per sample, i.e. ||G^T A||_F^2, for (B,T,d) inputs."""
+    B, T, d_in = A.shape
+    d_out = G.shape[-1]
+    if mode == "auto":
+        mode = "ghost" if T * (d_in + d_out) < d_in * d_out else "materialize"
+    if mode == "ghost":
+        aa = torch.bmm(A, A.transpose(1, 2))
+        gg = torch.bmm(G, G.transpose(1, 2))
+        return (aa * gg).sum(dim=(1, 2))
+    out = torch.empty(B, dtype=torch.float32, device=A.device)
+    step = max(1, MATERIALIZE_BUDGET // max(1, d_in * d_out))
+    for s in range(0, B, step):
+        per_sample = torch.bmm(G[s : s + step].transpose(1, 2), A[s : s + step])
+        out[s : s + step] = per_sample.pow(2).sum(dim=(1, 2))
+    return out
+
+
+class LinearRule(Rule):
+    param_names = ("weight", "bias")
+    mode = "auto"  # "ghost", "materialize" or "auto" (per call, by cost)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and set(module._parameters) <= {"weight", "bias"}
+
+    def capture(self, args, output, batch_size):
+        return {"A": as_btd(args[0].detach(), batch_size)}, output
+
+    def _factors(self, calls: list[Call], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.cat([c.ctx["A"] for c in calls], dim=1).float()
+        G = torch.cat([as_btd(c.grad, batch_size) for c in calls], dim=1).float()
+        return A, G
+
+    def sq_norms(self, calls, names, batch_size):
+        A, G = self._factors(calls, batch_size)
+        out = torch.zeros(batch_size, dtype=torch.float32, device=A.device)
+        if "weight" in names:
+            out += gram_or_materialize(A, G, self.mode)
+        if "bias" in names:
+            out += G.sum(dim=1).pow(2).sum(dim=-1)
+        return out
+
+    def _weight_grad(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        # (d_out, d_in) = sum over kept rows and time of g_t a_t^T
+        return G.reshape(-1, G.shape[-1]).T @ A.reshape(-1, A.shape[-1])
+
+    def accumulate(self, calls, names, index, scale):
+        bsz = calls[0].ctx["A"].shape[0]
+        A, G = self._factors(calls, bsz)
+        A, G = A[index], G[index]
+        if "weight" in names:
+            add_grad(self.module.weight, scale * self._weight_grad(A, G))
+        if "bias" in names:
+            add_grad(self.module.bias, scale * G.sum(dim=(0, 1)))
+
+
+class Conv1DRule(LinearRule):
+    """GPT-2's Conv1D: y = x W + b with W of shape (d_in, d_out)."""
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(module, Conv1D) and set(module._parameters) <= {"weight", "bias"}
+
+    def _weight_grad(self, A, G):
+        return A.reshape(-1, A.shape[-1]).T @ G.reshape(-1, G.shape[-1])
