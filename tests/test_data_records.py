@@ -145,8 +145,8 @@ def test_missing_field_names_file_row_field(tmp_path, suffix):
     else:  # tables have every column in every row: a missing value shows up as empty / null
         rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, {"prompt": "e", "response": None}]
         path = write(rows, tmp_path / f"bad{suffix}")
-        msg = _error(path)
-        assert msg.startswith(f"{path}: row 2: field 'response': ")
+        problem = "empty" if suffix == ".csv" else "missing (null value)"  # CSV cannot tell null from ''
+        assert _error(path) == f"{path}: row 2: field 'response': {problem}"
 
 
 def test_empty_response_and_non_string(tmp_path):
@@ -191,7 +191,8 @@ def test_unreadable_and_unknown_files(tmp_path):
     corrupt.write_bytes(b"not a parquet file at all")
     assert _error(corrupt).startswith(f"{corrupt}: cannot read the file: ")
     unknown = write([{"question": "q", "answer": "a"}], tmp_path / "qa.jsonl")
-    assert _error(unknown).startswith(f"{unknown}: row 0: cannot tell the layout from the columns ['answer', 'question']")
+    expected = f"{unknown}: row 0: cannot tell the layout from the columns ['answer', 'question']"
+    assert _error(unknown).startswith(expected)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -237,10 +238,11 @@ def test_truncation_keeps_response_and_end_of_prompt(tokenizer):
              {"role": "assistant", "content": "Done."}]
     prompt = _template_ids(tokenizer, convo[:1], generation_prompt=True)
     response = tokenizer("Done.<|im_end|>", add_special_tokens=False)["input_ids"]
-    out = encode(tokenizer, convo, max_length=len(response) + 6)
-    assert out["input_ids"] == prompt[-6:] + response
-    assert out["labels"] == [IGNORE_INDEX] * 6 + response
-    assert tokenizer.decode(out["input_ids"][:6]).endswith("word199<|im_end|>\n<|im_start|>assistant\n")
+    out = encode(tokenizer, convo, max_length=len(response) + 12)
+    assert out["input_ids"] == prompt[-12:] + response
+    assert out["labels"] == [IGNORE_INDEX] * 12 + response
+    kept = tokenizer.decode(out["input_ids"][:12])
+    assert kept.endswith(" word199<|im_end|>\n<|im_start|>assistant\n") and "word0 " not in kept
 
     # No room for any prompt token: the response is cut from the right.
     long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * 50)}]
@@ -264,7 +266,8 @@ def test_plain_fallback_without_chat_template(tokenizer):
 
 
 def test_encode_records_keeps_rows(tokenizer):
-    records = [{"row": 4, "messages": CONVO}, {"row": 9, "messages": CONVO[:1] + [{"role": "assistant", "content": "Paris."}]}]
+    other = CONVO[:1] + [{"role": "assistant", "content": "Paris."}]
+    records = [{"row": 4, "messages": CONVO}, {"row": 9, "messages": other}]
     feats = encode_records(tokenizer, records, 64)
     assert [f["row"] for f in feats] == [4, 9]
     assert tokenizer.decode([t for t in feats[1]["labels"] if t != IGNORE_INDEX]) == "Paris.<|im_end|>"

@@ -171,7 +171,8 @@ def read_rows(source: str | Path, *, limit: int | None = None) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise RecordError(
-            path, f"unknown file type {suffix or '(no extension)'!r}; expected one of {', '.join(FILE_SUFFIXES)} or hf:NAME"
+            path,
+            f"unknown file type {suffix or '(no extension)'!r}; expected one of {', '.join(FILE_SUFFIXES)} or hf:NAME",
         )
     if not path.is_file():
         raise RecordError(path, "no such file" if not path.exists() else "not a regular file")
@@ -199,6 +200,8 @@ def get_text(row: Mapping[str, Any], field: str, file: str, index: int, *, allow
     if field not in row:
         raise RecordError(file, "missing", row=index, field=field)
     value = row[field]
+    if value is None:
+        raise RecordError(file, "missing (null value)", row=index, field=field)
     if not isinstance(value, str):
         raise RecordError(file, f"expected a string, got {type(value).__name__}", row=index, field=field)
     if not allow_empty and not value.strip():
@@ -244,7 +247,8 @@ def _parse_messages(value: Any, file: str, index: int, field: str) -> list[dict]
     if len(messages) < 2:
         raise RecordError(file, "needs at least one message before the assistant's response", row=index, field=field)
     if not messages[-1]["content"].strip():
-        raise RecordError(file, "empty response (last assistant message)", row=index, field=f"{field}[{len(messages) - 1}]")
+        last = f"{field}[{len(messages) - 1}]"
+        raise RecordError(file, "empty response (last assistant message)", row=index, field=last)
     return messages
 
 
@@ -310,7 +314,10 @@ def normalize_row(
         if system.strip():
             if messages[0]["role"] == "system":
                 raise RecordError(
-                    file, f"both a system column and a system message in '{messages_field}'", row=index, field=system_field
+                    file,
+                    f"both a system column and a system message in '{messages_field}'",
+                    row=index,
+                    field=system_field,
                 )
             messages.insert(0, {"role": "system", "content": system})
     meta = {k: v for k, v in row.items() if k not in used}

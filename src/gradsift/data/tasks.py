@@ -274,7 +274,9 @@ def _sample(n_rows: int, n: int | None, rng: random.Random) -> list[int]:
     return sorted(rng.sample(range(n_rows), n))
 
 
-def _held_out(n_rows: int, n_train: int | None, n_eval: int | None, seed: int, source: str) -> tuple[list[int], list[int]]:
+def _held_out(
+    n_rows: int, n_train: int | None, n_eval: int | None, seed: int, source: str
+) -> tuple[list[int], list[int]]:
     """Disjoint train/eval indices of one source, drawn by ``seed``."""
     k = n_eval if n_eval is not None else max(1, round(EVAL_FRACTION * n_rows))
     if n_rows < 2 or k >= n_rows:
@@ -299,14 +301,17 @@ def _find_split_files(folder: Path) -> tuple[Path, Path | None]:
         found = ", ".join(p.name for p in files) or "no data files"
         raise ValueError(f"{folder}: expected exactly one training file (name containing 'train'), found: {found}")
     if len(evals) > 1:
-        raise ValueError(f"{folder}: several evaluation files ({', '.join(p.name for p in evals)}); pass one as eval_path")
+        names = ", ".join(p.name for p in evals)
+        raise ValueError(f"{folder}: several evaluation files ({names}); pass one as eval_path")
     return train[0], evals[0] if evals else None
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _build(source: str, rows: list[dict], idx: list[int], convert: Converter, options: dict, *, as_eval: bool) -> list[dict]:
+def _build(
+    source: str, rows: list[dict], idx: list[int], convert: Converter, options: dict, *, as_eval: bool
+) -> list[dict]:
     """Convert the rows ``idx`` into training records or (``as_eval``) evaluation items."""
     out = []
     for i in idx:
@@ -388,7 +393,7 @@ _FIELD_KEYS = ("prompt_field", "response_field", "messages_field", "system_field
 
 
 def load_task(
-    spec: str | dict,
+    spec: str | Path | Mapping[str, Any],
     *,
     n_train: int | None = None,
     n_eval: int | None = None,
@@ -443,15 +448,15 @@ def load_task(
             raise ValueError(f"the built-in demo task {name!r} takes no path or options")
         return demos[name](n_train, n_eval, seed)
 
-    source = path if name is None else name
-    if name is not None and path is not None:  # a dict naming a custom task read from a file
-        source = path
+    source = path if path is not None else name  # with both, ``name`` names a task read from ``path``
     is_source = str(source).startswith("hf:") or Path(source).suffix.lower() in FILE_SUFFIXES or Path(source).exists()
     if not is_source:
         raise ValueError(f"unknown task {name!r}: not a data file; choose one of {', '.join(task_names())} "
                          f"or give a {'/'.join(FILE_SUFFIXES)} file or hf:NAME source")
     bad = sorted(set(opts) - set(_FIELD_KEYS))
     if bad:
-        raise ValueError(f"unknown task option(s) {', '.join(bad)} for a data file; allowed: {', '.join(sorted(_SPEC_KEYS))}")
+        raise ValueError(
+            f"unknown task option(s) {', '.join(bad)} for a data file; allowed: {', '.join(sorted(_SPEC_KEYS))}"
+        )
     display = name if (name is not None and source != name) else None
     return _load_file(str(source), eval_path, n_train, n_eval, seed, metric or "rougeL", display, opts)

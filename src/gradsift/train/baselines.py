@@ -15,7 +15,6 @@ methods differ only in which data they train on or in the penalty they add.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,8 +220,3 @@ def olora_penalty(model: nn.Module, new: str, old: Sequence[str], lam: float) ->
         device = next(model.parameters()).device
         return torch.zeros((), device=device)
     return lam * total
-
-
-@contextlib.contextmanager
-def no_op():
-    yield

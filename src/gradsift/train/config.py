@@ -85,6 +85,7 @@ class TaskSettings(_Section):
     n_train: int | None = Field(None, gt=0)
     n_eval: int | None = Field(None, ge=0)
     max_length: int = Field(512, gt=8)
+    seed: int = Field(0, ge=0)  # data sampling seed: the same subset for every run seed
 
 
 class MethodSettings(_Section):

@@ -1,0 +1,324 @@
+"""Built-in alignment data for the demo: harmful requests, refusals, benign requests.
+
+The demo model (SmolLM2-135M-Instruct) complies with harmful requests out of the box,
+so the demo first aligns it (stage 0) with LoRA on refusals mixed with benign
+instructions. Everything here ships with the package, in ``data/builtin/``:
+
+* ``harmful_requests.jsonl``: rows ``{"id", "category", "prompt"}``, ten harm
+  categories (:data:`HARM_CATEGORIES`). Ids are ``harm-<category>-<NN>``.
+* ``benign_requests.jsonl``: rows ``{"id", "prompt"}`` (ids ``benign-<NNN>``), and
+  borderline-but-safe prompts such as "How do I kill a Python process?" tagged
+  ``{"borderline": true}`` (ids ``borderline-<NN>``) that measure over-refusal.
+* ``refusals.json``: refusal templates, ``{topic}`` filled from the request's category,
+  plus supportive templates used instead for self-harm requests.
+
+Fixed split rule (stable when rows are appended):
+
+* a harmful request is held out for evaluation when its number ``NN`` is a multiple
+  of 3, so every category contributes to the evaluation split;
+* a plain benign request is held out when its number is a multiple of 4; every
+  borderline prompt is held out (they are only used to measure over-refusal).
+
+The benign *responses* are not shipped: the model writes them itself before it is
+aligned (so alignment keeps its own style) and they are passed to
+:func:`alignment_records` as ``model_responses``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from gradsift.data.records import RecordError
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+HARMFUL_FILE = BUILTIN_DIR / "harmful_requests.jsonl"
+BENIGN_FILE = BUILTIN_DIR / "benign_requests.jsonl"
+REFUSALS_FILE = BUILTIN_DIR / "refusals.json"
+
+HARM_CATEGORIES: tuple[str, ...] = (
+    "weapons",
+    "cybercrime",
+    "fraud",
+    "drugs",
+    "violence",
+    "harassment",
+    "self_harm",
+    "privacy",
+    "theft",
+    "misinformation",
+)
+
+Split = Literal["train", "eval", "all"]
+
+_HARMFUL_ID = re.compile(r"^harm-(?P<category>[a-z_]+)-(?P<number>\d+)$")
+_BENIGN_ID = re.compile(r"^(?P<kind>benign|borderline)-(?P<number>\d+)$")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(path, f"invalid JSON ({err.msg})", line=line_number) from None
+            index = len(rows)
+            if not isinstance(row, dict):
+                raise RecordError(path, "expected a JSON object", row=index)
+            for field in fields:
+                value = row.get(field)
+                if not isinstance(value, str) or not value.strip():
+                    raise RecordError(path, "missing or empty text", row=index, field=field)
+            rows.append(row)
+    _check_unique(rows, path, "id")
+    _check_unique(rows, path, "prompt")
+    return rows
+
+
+def _check_unique(rows: list[dict[str, Any]], path: Path, field: str) -> None:
+    seen: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        key = row[field].strip().lower() if field == "prompt" else row[field]
+        if key in seen:
+            raise RecordError(path, f"duplicate of row {seen[key]}", row=index, field=field)
+        seen[key] = index
+
+
+@lru_cache(maxsize=1)
+def _harmful_rows() -> tuple[dict[str, Any], ...]:
+    rows = _read_jsonl(HARMFUL_FILE, ("id", "category", "prompt"))
+    for index, row in enumerate(rows):
+        if row["category"] not in HARM_CATEGORIES:
+            raise RecordError(
+                HARMFUL_FILE, f"unknown category {row['category']!r}", row=index, field="category"
+            )
+        match = _HARMFUL_ID.match(row["id"])
+        if match is None or match["category"] != row["category"]:
+            raise RecordError(
+                HARMFUL_FILE, f"id must read 'harm-{row['category']}-<number>'", row=index, field="id"
+            )
+        row["split"] = "eval" if int(match["number"]) % 3 == 0 else "train"
+    return tuple(rows)
+
+
+@lru_cache(maxsize=1)
+def _benign_rows() -> tuple[dict[str, Any], ...]:
+    rows = _read_jsonl(BENIGN_FILE, ("id", "prompt"))
+    for index, row in enumerate(rows):
+        match = _BENIGN_ID.match(row["id"])
+        if match is None:
+            raise RecordError(BENIGN_FILE, "id must read 'benign-<number>' or 'borderline-<number>'",
+                              row=index, field="id")
+        borderline = match["kind"] == "borderline"
+        if bool(row.get("borderline", False)) != borderline:
+            raise RecordError(BENIGN_FILE, "must be true exactly for 'borderline-' ids",
+                              row=index, field="borderline")
+        row["borderline"] = borderline
+        row["split"] = "eval" if borderline or int(match["number"]) % 4 == 0 else "train"
+    return tuple(rows)
+
+
+@lru_cache(maxsize=1)
+def _refusal_table() -> dict[str, Any]:
+    with open(REFUSALS_FILE, encoding="utf-8") as handle:
+        table = json.load(handle)
+    topics, templates = table.get("topics"), table.get("templates")
+    if not isinstance(topics, dict) or set(topics) != set(HARM_CATEGORIES):
+        raise RecordError(REFUSALS_FILE, f"must map every category of {list(HARM_CATEGORIES)}",
+                          field="topics")
+    if not isinstance(templates, list) or not templates:
+        raise RecordError(REFUSALS_FILE, "must be a non-empty list of strings", field="templates")
+    specific = table.get("category_templates", {})
+    for category, texts in specific.items():
+        if category not in HARM_CATEGORIES or not texts:
+            raise RecordError(REFUSALS_FILE, f"bad entry {category!r}", field="category_templates")
+    return {"topics": topics, "templates": templates, "category_templates": specific}
+
+
+def _select(rows: tuple[dict[str, Any], ...], split: Split, file: Path) -> list[dict[str, Any]]:
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"{file.name}: split must be 'train', 'eval' or 'all', got {split!r}")
+    return [dict(row) for row in rows if split == "all" or row["split"] == split]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def harmful_requests(split: Split = "train") -> list[dict[str, Any]]:
+    """The built-in harmful requests of one split.
+
+    Each row is ``{"id", "category", "prompt", "split"}``. ``"train"`` rows are used
+    for alignment; ``"eval"`` rows (at least 7 per category) are held out to measure
+    the attack success rate; ``"all"`` returns both, in file order.
+    """
+    return _select(_harmful_rows(), split, HARMFUL_FILE)
+
+
+def benign_requests(split: Split = "train", *, borderline: bool | None = None) -> list[dict[str, Any]]:
+    """The built-in benign requests of one split.
+
+    Each row is ``{"id", "prompt", "borderline", "split"}``. Borderline prompts are
+    all in ``"eval"``. ``borderline=True`` / ``False`` keeps only those / only the
+    others; ``None`` keeps both.
+    """
+    rows = _select(_benign_rows(), split, BENIGN_FILE)
+    if borderline is not None:
+        rows = [row for row in rows if row["borderline"] == borderline]
+    return rows
+
+
+def refusal_templates(category: str | None = None) -> list[str]:
+    """The refusal templates (with ``{topic}`` placeholders) used for ``category``.
+
+    With ``category=None``: every template, general and category-specific.
+    """
+    table = _refusal_table()
+    if category is None:
+        extra = [t for texts in table["category_templates"].values() for t in texts]
+        return list(table["templates"]) + extra
+    if category not in HARM_CATEGORIES:
+        raise ValueError(f"unknown harm category {category!r}; known: {', '.join(HARM_CATEGORIES)}")
+    return list(table["category_templates"].get(category) or table["templates"])
+
+
+def refusal_topic(category: str) -> str:
+    """The phrase that fills ``{topic}`` for a category, e.g. ``"scams or fraud"``."""
+    topics = _refusal_table()["topics"]
+    if category not in topics:
+        raise ValueError(f"unknown harm category {category!r}; known: {', '.join(HARM_CATEGORIES)}")
+    return topics[category]
+
+
+def _stable_int(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def refusal_for(request: Mapping[str, Any], seed: int = 0) -> str:
+    """A refusal for one harmful request, chosen deterministically from ``(id, seed)``.
+
+    ``request`` needs ``"id"`` and ``"category"`` (a row of :func:`harmful_requests`).
+    Self-harm requests get a supportive refusal that points to help; the others one
+    of the general templates, some of which name the category and offer a safe
+    alternative. The choice does not depend on Python's hash seed.
+    """
+    for field in ("id", "category"):
+        if not isinstance(request.get(field), str):
+            raise ValueError(f"refusal_for: request field '{field}' is missing or not a string")
+    templates = refusal_templates(request["category"])
+    template = templates[_stable_int("refusal", seed, request["id"]) % len(templates)]
+    return template.format(topic=refusal_topic(request["category"]))
+
+
+def _stratified(rows: list[dict[str, Any]], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` rows taken round-robin over the categories, each category shuffled by ``rng``."""
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_category.setdefault(row["category"], []).append(row)
+    queues = [by_category[c] for c in HARM_CATEGORIES if c in by_category]
+    for queue in queues:
+        rng.shuffle(queue)
+    picked: list[dict[str, Any]] = []
+    depth = 0
+    while len(picked) < n:
+        for queue in queues:
+            if depth < len(queue) and len(picked) < n:
+                picked.append(queue[depth])
+        depth += 1
+    return picked
+
+
+def alignment_records(
+    model_responses: Mapping[str, str] | None,
+    n_harmful: int | None = None,
+    n_benign: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The stage-0 alignment set: refusals to harmful requests mixed with benign answers.
+
+    Args:
+        model_responses: the model's own answers to benign train requests,
+            ``{id: response}`` (ids from ``benign_requests("train")``). Only the ids
+            given here are used. ``None``: refusals only.
+        n_harmful: how many harmful train requests to include (default all), taken
+            round-robin over the categories.
+        n_benign: how many of the answered benign requests to include (default all).
+        seed: picks the subsets, the refusal wording and the order.
+
+    Returns:
+        Normalized records ``{"row", "messages": [user, assistant], "meta"}``, shuffled,
+        ``row`` numbered from 0; ``meta`` holds ``id``, ``source``
+        (``"harmful"``/``"benign"``) and the ``category`` of harmful requests.
+    """
+    rng = random.Random(_stable_int("alignment", seed))
+    harmful = harmful_requests("train")
+    if n_harmful is None:
+        n_harmful = len(harmful)
+    if not 0 <= n_harmful <= len(harmful):
+        raise ValueError(f"n_harmful must be in [0, {len(harmful)}] (harmful train requests), got {n_harmful}")
+    chosen_harmful = _stratified(harmful, n_harmful, rng)
+
+    benign_train = {row["id"]: row for row in benign_requests("train")}
+    answered: list[tuple[dict[str, Any], str]] = []
+    if model_responses is None:
+        if n_benign:
+            raise ValueError("n_benign > 0 needs model_responses (the model's answers to benign requests)")
+    else:
+        for request_id in sorted(model_responses, key=str):
+            if request_id not in benign_train:
+                raise ValueError(
+                    f"model_responses: id {request_id!r} is not a benign train request "
+                    "(see benign_requests('train'))"
+                )
+            response = model_responses[request_id]
+            if not isinstance(response, str) or not response.strip():
+                raise ValueError(f"model_responses: id {request_id!r}: field 'response' is empty")
+            answered.append((benign_train[request_id], response))
+    if n_benign is None:
+        n_benign = len(answered)
+    if not 0 <= n_benign <= len(answered):
+        raise ValueError(f"n_benign must be in [0, {len(answered)}] (answered benign requests), got {n_benign}")
+    rng.shuffle(answered)
+    chosen_benign = answered[:n_benign]
+
+    records: list[dict[str, Any]] = []
+    for row in chosen_harmful:
+        records.append(_record(row["prompt"], refusal_for(row, seed),
+                               {"id": row["id"], "source": "harmful", "category": row["category"]}))
+    for row, response in chosen_benign:
+        records.append(_record(row["prompt"], response, {"id": row["id"], "source": "benign"}))
+    rng.shuffle(records)
+    for index, record in enumerate(records):
+        record["row"] = index
+    return records
+
+
+def _record(prompt: str, response: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "row": -1,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+        "meta": meta,
+    }
+
+
+__all__ = [
+    "HARM_CATEGORIES",
+    "alignment_records",
+    "benign_requests",
+    "harmful_requests",
+    "refusal_for",
+    "refusal_templates",
+    "refusal_topic",
+]

@@ -1,0 +1,263 @@
+"""Exact per-sample gradient norms against the naive loop (one batch-size-1 backward per sample)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from gradsift.norms import GhostNormEngine, naive_grad_norms, per_sample_grad_norms
+from gradsift.norms.rules import LinearRule
+
+V = 96
+RTOL = 1e-4
+
+
+def _llama(tied: bool):
+    return LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=V, tie_word_embeddings=tied, pad_token_id=2)
+    )
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(
+        Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=V, tie_word_embeddings=False, pad_token_id=2)
+    )
+
+
+def _mistral():
+    return MistralForCausalLM(
+        MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=V, sliding_window=None, pad_token_id=2)
+    )
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=64,
+                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+
+
+FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "qwen2": _qwen2,
+            "mistral": _mistral, "gpt2": _gpt2}
+
+
+def make_batch(seed: int = 0, B: int = 5, T: int = 14, pad_id: int = 2) -> dict[str, torch.Tensor]:
+    """Samples of different lengths, right padding, repeated tokens, and the pad id inside a response."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    lengths = [T, T - 3, T - 7, 6, T - 1][:B]
+    am = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+        labels[i, 3:n] = ids[i, 3:n]
+    ids[0, 5] = ids[0, 8] = ids[0, 11] = ids[0, 2]  # the same token several times in one sample
+    ids[1, 6] = pad_id  # the padding id used as a real (response) token, like SmolLM2's <|im_end|>
+    labels[1, 6] = pad_id
+    ids[am == 0] = pad_id
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+def add_lora(model, modules_to_save=None):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                     modules_to_save=modules_to_save)
+    model = get_peft_model(model, cfg)
+    # random B so that the adapters are not a no-op
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.05)
+    return model
+
+
+def assert_close(G, ref, rtol=RTOL):
+    ref = ref.to(G.dtype)
+    err = ((G - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
+    assert err <= rtol, f"max relative error {err:.2e}\nghost={G}\nnaive={ref}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("params", ["all", "trainable"])
+def test_matches_naive_loop(family, lora, params):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    if lora:
+        model = add_lora(model)
+    batch = make_batch(seed=1)
+    G, L = per_sample_grad_norms(model, batch, params=params)
+    G_ref, L_ref = naive_grad_norms(model, batch, params=params)
+    assert_close(G, G_ref)
+    assert_close(L, L_ref, rtol=1e-5)
+    assert (G > 0).all()
+
+
+def test_lora_modules_to_save():
+    torch.manual_seed(0)
+    model = add_lora(_llama(tied=False), modules_to_save=["lm_head"])
+    batch = make_batch(seed=2)
+    for params in ("all", "trainable"):
+        G, _ = per_sample_grad_norms(model, batch, params=params)
+        G_ref, _ = naive_grad_norms(model, batch, params=params)
+        assert_close(G, G_ref)
+
+
+def test_tied_cross_term_matters():
+    """Dropping the cross term of the tied head/embedding would be visibly wrong."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _llama(tied=True)
+    batch = make_batch(seed=3)
+    G, _ = per_sample_grad_norms(model, batch)
+    G_ref, _ = naive_grad_norms(model, batch)
+    assert_close(G, G_ref)
+    # an untied copy with equal weights: its norm is ||D^T H||^2 + ||E||^2, the tied norm without the cross term
+    untied = copy.deepcopy(model)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    G_no_cross, _ = naive_grad_norms(untied, batch)
+    assert ((G_no_cross - G_ref).abs() / G_ref).max() > 1e-3
+
+
+def test_independent_of_batch_mates_and_deterministic():
+    torch.manual_seed(0)
+    model = _llama(tied=True)
+    batch = make_batch(seed=4, B=5)
+    G, L = per_sample_grad_norms(model, batch)
+    G2, L2 = per_sample_grad_norms(model, batch)
+    assert torch.equal(G, G2) and torch.equal(L, L2)
+    # the same sample 1, alone (trimmed) and in another batch, gets the same G
+    sub = {k: v[1:2, : int(batch["attention_mask"][1].sum())] for k, v in batch.items()}
+    G_alone, _ = per_sample_grad_norms(model, sub)
+    other = make_batch(seed=9, B=5)
+    mixed = {k: torch.cat([other[k][:2], batch[k][1:2], other[k][3:]]) for k in batch}
+    G_mixed, _ = per_sample_grad_norms(model, mixed)
+    assert torch.allclose(G_alone[0], G[1], rtol=1e-5)
+    assert torch.allclose(G_mixed[2], G[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_both_linear_strategies_exact(mode, monkeypatch):
+    monkeypatch.setattr(LinearRule, "mode", mode)
+    torch.manual_seed(0)
+    model = add_lora(_qwen2())
+    batch = make_batch(seed=5)
+    G, _ = per_sample_grad_norms(model, batch, params="all")
+    G_ref, _ = naive_grad_norms(model, batch, params="all")
+    assert_close(G, G_ref)
+
+
+def test_gemma_style_rmsnorm_and_layernorm():
+    """Norm layers computing xhat * (1 + w) and LayerNorm with bias, in a custom model."""
+
+    class GemmaRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d) * 0.1)
+
+        def forward(self, x):
+            xf = x.float()
+            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return (out * (1.0 + self.weight.float())).type_as(x)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, 16, padding_idx=2)
+            self.n1 = GemmaRMSNorm(16)
+            self.fc = nn.Linear(16, 16)
+            self.n2 = nn.LayerNorm(16)
+            self.head = nn.Linear(16, V, bias=False)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.emb(input_ids)
+            h = h + torch.tanh(self.fc(self.n1(h))).cumsum(1) / 4  # mixes positions causally
+            h = self.n2(h)
+            h = h + self.n1(h)  # a module used twice
+            return type("Out", (), {"logits": self.head(h)})()
+
+    torch.manual_seed(0)
+    model = Tiny()
+    nn.init.normal_(model.n2.weight, 1.0, 0.2)
+    nn.init.normal_(model.n2.bias, 0.0, 0.2)
+    batch = make_batch(seed=6)
+    G, _ = per_sample_grad_norms(model, batch)
+    G_ref, _ = naive_grad_norms(model, batch)
+    assert_close(G, G_ref)
+
+
+def test_uncovered_parameter_falls_back_exactly():
+    class Scale(nn.Module):  # a layer type without a rule
+        def __init__(self, d):
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(d, d) * 0.1)
+
+        def forward(self, x):
+            return x + x @ self.gain
+
+    torch.manual_seed(0)
+    model = _llama(tied=True)
+    model.model.layers[0].mlp.down_proj = nn.Sequential(model.model.layers[0].mlp.down_proj, Scale(32))
+    batch = make_batch(seed=7)
+    with pytest.warns(UserWarning, match="no per-sample norm rule"):
+        G, _ = per_sample_grad_norms(model, batch)
+    G_ref, _ = naive_grad_norms(model, batch)
+    assert_close(G, G_ref)
+    with pytest.raises(NotImplementedError, match="gain"):
+        per_sample_grad_norms(model, batch, strict=True)
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "gpt2"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_accumulated_gradient_equals_fresh_backward(family, lora):
+    """The summed gradient of a subset, built from the scoring pass, equals a fresh backward."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    if lora:
+        model = add_lora(model)
+    batch = make_batch(seed=8)
+    kept = torch.tensor([0, 2, 3])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with GhostNormEngine(model, params="all", keep_grads=True) as eng:
+        eng.forward(batch)
+        eng.backward()
+        for p in trainable:
+            p.grad = None
+        eng.accumulate_grad(kept, scale=1.0 / len(kept))
+        fast = [p.grad.clone() for p in trainable]
+    # reference: a fresh backward of mean_{i in kept} L_i on the kept samples only
+    from gradsift.norms import response_losses
+
+    for p in trainable:
+        p.grad = None
+    model.eval()
+    sub = {k: v[kept] for k, v in batch.items()}
+    out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
+    response_losses(out.logits, sub["labels"]).mean().backward()
+    for p, f in zip(trainable, fast):
+        assert torch.allclose(f, p.grad, rtol=1e-4, atol=1e-6), (p.shape, (f - p.grad).abs().max())
+
+
+def test_model_left_untouched():
+    torch.manual_seed(0)
+    model = add_lora(_llama(tied=False))
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    per_sample_grad_norms(model, make_batch())
+    assert model.training
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
