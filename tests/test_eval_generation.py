@@ -54,7 +54,7 @@ def naive_greedy(model, tokenizer, prompt: str, prefix: str = "", max_new_tokens
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids + new]), use_cache=False).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids + new]), use_cache=False, logits_to_keep=1).logits[0, -1]
             nxt = int(logits.argmax())
             if nxt in stops:
                 break

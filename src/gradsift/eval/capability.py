@@ -558,17 +558,20 @@ def run_lm_eval(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    include_defaults: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-evaluation-harness tasks on an in-memory model.
 
     Wraps the model in ``lm_eval.models.huggingface.HFLM`` and calls
     ``lm_eval.simple_evaluate``. ``include_path`` adds task folders (they take
     precedence over lm-eval's built-in tasks of the same name); see
-    :func:`lmeval_local_tasks` for offline ARC-Challenge and BoolQ. ``limit`` is
+    :func:`lmeval_local_tasks` for offline ARC-Challenge and BoolQ;
+    ``include_defaults=False`` skips indexing lm-eval's built-in tasks (faster
+    when every task comes from ``include_path``). ``limit`` is
     lm-eval's: the first ``limit`` documents of each task (or a fraction if < 1).
 
-    Returns ``{task: {metric: value}}`` with lm-eval's metric names without the
-    ``,none`` filter suffix (``acc``, ``acc_stderr``, ``acc_norm``, ...), plus
+    Returns ``{task: {metric: value}}`` with lm-eval's numeric metrics, named
+    without the ``,none`` filter suffix (``acc``, ``acc_stderr``, ``acc_norm``, ...), plus
     ``n``, the number of documents scored per task.
     """
     try:
@@ -588,7 +591,7 @@ def run_lm_eval(
         tasks=list(tasks),
         limit=limit,
         num_fewshot=num_fewshot,
-        task_manager=TaskManager(include_path=paths),
+        task_manager=TaskManager(include_path=paths, include_defaults=include_defaults),
         log_samples=False,
     )
     if output is None:  # non-zero ranks in distributed runs
@@ -598,7 +601,9 @@ def run_lm_eval(
     for task, metrics in output["results"].items():
         clean: dict[str, Any] = {}
         for key, value in metrics.items():
-            if key == "alias":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # alias, name, "N/A" stderr placeholders
+            if key == "sample_len":
                 continue
             metric, _, filt = key.partition(",")
             clean[metric if filt in {"", "none"} else key] = value

@@ -176,7 +176,7 @@ def _read_csv(path: Path, prompt_field: str | None) -> list[dict]:
     if not text.strip():
         raise SafetySetError(f"{path}: empty file (expected a header row with column 'prompt')")
     records = list(csv.reader(io.StringIO(text)))
-    records = [r for r in records if any(cell.strip() for cell in r)]
+    records = [r for r in records if r]  # blank lines; an empty quoted cell stays (and is reported)
     header = [h.strip() for h in records[0]]
     known = set(PROMPT_FIELDS) | set(HARMBENCH_COLUMNS) | set(JBB_COLUMNS) | set(XSTEST_COLUMNS) | {"target", "id"}
     if prompt_field is not None:

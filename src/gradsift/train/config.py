@@ -192,16 +192,23 @@ def _is_path_like(name: str) -> bool:
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    errors = exc.errors()
+    # ``method`` is "one mapping or a list": report the branch the input was written as.
+    branch = [e for e in errors if not any(str(p).startswith("list[") for p in e["loc"])]
+    errors = branch or errors
+    err = errors[0]
+    key = ".".join(str(p) for p in err["loc"] if not str(p)[:1].isupper() and not str(p).startswith("list["))
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    if not key:  # a whole-config check names its key at the start of its message
+        head, sep, rest = msg.partition(": ")
+        key, msg = (head, rest) if sep and " " not in head else ("<root>", msg)
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required key is missing"
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {key}: {msg}{extra}"
 
 
@@ -243,9 +250,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        out[key] = value
     return out
 
 
@@ -267,13 +280,13 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
             setattr(cfg.model, attr, str((base / value).resolve()))
 
 
-def _check_tasks(cfg: RunConfig) -> None:
+def _check_tasks(cfg: RunConfig, source: str) -> None:
     known = _known_task_names()
     for i, task in enumerate(cfg.tasks):
         if task.path is not None or task.name.startswith("hf:") or task.name in known:
             continue
         raise ConfigError(
-            f"tasks.{i}.name: unknown task {task.name!r}; choose one of {', '.join(known)}, "
+            f"{source}: tasks.{i}.name: unknown task {task.name!r}; choose one of {', '.join(known)}, "
             "a data file path, or hf:DATASET"
         )
 
@@ -287,7 +300,7 @@ def validate_config(data: dict[str, Any], source: str = "<config>", base: Path |
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
     _resolve_paths(cfg, base or Path.cwd())
-    _check_tasks(cfg)
+    _check_tasks(cfg, source)
     return cfg
 
 

@@ -122,6 +122,7 @@ class SelectionStepMixin:
         self._pending: list[dict[str, float]] = []
         self.selection_records: list[dict[str, Any]] = []
         super().__init__(*args, **kwargs)
+        self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps  # set per step by train()
         # Our losses are per-batch means: the Trainer divides them by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False

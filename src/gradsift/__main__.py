@@ -1,0 +1,3 @@
+from gradsift.cli import main
+
+main()

@@ -1,0 +1,172 @@
+"""The ``gradsift`` command line: demo, score, select, train, eval, run, report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="gradsift",
+    help="Keep an aligned LLM safe while fine-tuning it on a sequence of tasks "
+    "(exact per-sample gradient norms, Moderate-G_i selection).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+# Errors that come from the user's input: one line, non-zero exit, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, NotImplementedError)
+
+
+def _fail(exc: BaseException) -> None:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, KeyError):
+        msg = f"missing key {msg}"
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _setup_torch(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@app.command()
+def score(
+    model: str = typer.Option("embedded", "--model", "-m", help="local path, hub id, or 'embedded' (SmolLM2-135M-Instruct)"),
+    data: str = typer.Option(..., "--data", "-d", help="records: .jsonl/.json/.csv/.parquet or hf:NAME[:CONFIG][@SPLIT]"),
+    out: Path = typer.Option(Path("scores.parquet"), "--out", "-o", help="output Parquet table"),
+    params: str = typer.Option("all", help="parameters of the norm: all | trainable"),
+    adapter: Optional[str] = typer.Option(None, help="PEFT adapter to load on the model"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    max_length: int = typer.Option(512, "--max-length"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt"),
+    response_field: Optional[str] = typer.Option(None, help="column holding the response"),
+    messages_field: Optional[str] = typer.Option(None, help="column holding chat messages"),
+    system_field: Optional[str] = typer.Option(None, help="column holding a system prompt"),
+    limit: Optional[int] = typer.Option(None, help="score only the first N rows"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: the accelerator if any)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+):
+    """Exact per-sample gradient norms G_i and losses L_i of every row, to a Parquet table."""
+    _setup_torch(threads)
+    try:
+        from gradsift.models import load_model, load_tokenizer
+        from gradsift.norms.scorer import ScoreOptions, score_dataset
+        from gradsift.data.records import read_records
+
+        read_records(data, prompt_field=prompt_field, response_field=response_field,
+                     messages_field=messages_field, system_field=system_field, limit=1)  # fail fast on bad input
+        dev = _device(device)
+        tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        m = load_model(model, dtype=dtype, device=dev, trust_remote_code=trust_remote_code, adapter=adapter)
+        opts = ScoreOptions(params=params, batch_size=batch_size, max_length=max_length, prompt_field=prompt_field,
+                            response_field=response_field, messages_field=messages_field,
+                            system_field=system_field, limit=limit)
+        table = score_dataset(m, tok, data, out, opts)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_distribution(table, out)
+
+
+def _device(device: Optional[str]):
+    import torch
+
+    if device:
+        return device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState().device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _print_distribution(table, out: Optional[Path]) -> None:
+    from rich.table import Table
+
+    out_console = Console()
+    t = Table(title=f"G_i distribution over {len(table)} samples" + (f" -> {out}" if out else ""))
+    for col in ("", "G", "L", "response tokens"):
+        t.add_column(col, justify="right")
+    qs = [("min", 0.0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p90", 0.9), ("max", 1.0)]
+    for name, q in qs:
+        t.add_row(name, f"{table['G'].quantile(q):.4g}", f"{table['L'].quantile(q):.4g}",
+                  f"{table['n_response_tokens'].quantile(q):.0f}")
+    t.add_row("mean", f"{table['G'].mean():.4g}", f"{table['L'].mean():.4g}", f"{table['n_response_tokens'].mean():.1f}")
+    out_console.print(t)
+    if len(table) > 1:
+        corr = table[["G", "L", "n_response_tokens"]].corr(method="spearman")
+        out_console.print(f"Spearman: G~L {corr.loc['G', 'L']:+.2f}, G~response length {corr.loc['G', 'n_response_tokens']:+.2f}")
+
+
+@app.command()
+def select(
+    data: str = typer.Option(..., "--data", "-d", help="the records that were scored"),
+    scores: Path = typer.Option(..., "--scores", "-s", help="table written by `gradsift score`"),
+    out: Path = typer.Option(..., "--out", "-o", help="kept subset: .jsonl/.json/.csv/.parquet"),
+    method: str = typer.Option("moderate", help="moderate | high | low | random"),
+    rho: float = typer.Option(0.2, help="fraction kept"),
+    prefilter: str = typer.Option("none", help="loss pre-filter over the whole table: none | mean_std | percentile"),
+    seed: int = typer.Option(0, help="seed of the random baseline"),
+):
+    """Offline selection: keep a fraction of a scored dataset and write it as a file."""
+    import pandas as pd
+
+    from gradsift.select.offline import select_rows, write_subset
+
+    try:
+        if not scores.exists():
+            raise FileNotFoundError(f"{scores}: no such score table (run `gradsift score` first)")
+        table = pd.read_parquet(scores)
+        rows = select_rows(table, method=method, rho=rho, prefilter=prefilter, seed=seed)
+        write_subset(data, rows, out)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    kept = table[table["row"].isin(rows)]
+    Console().print(f"kept {len(rows)} of {len(table)} rows ({method}, rho={rho}) -> {out}; "
+                    f"G median kept {kept['G'].median():.4g} vs all {table['G'].median():.4g}")
+
+
+def _register_optional() -> None:
+    """Commands whose modules may be absent in a partial install are added when importable."""
+    try:
+        from gradsift.train.commands import register as register_train
+
+        register_train(app, _fail, USER_ERRORS)
+    except ImportError:
+        pass
+    try:
+        from gradsift.eval.commands import register as register_eval
+
+        register_eval(app, _fail, USER_ERRORS)
+    except ImportError:
+        pass
+    try:
+        from gradsift.report.commands import register as register_report
+
+        register_report(app, _fail, USER_ERRORS)
+    except ImportError:
+        pass
+
+
+_register_optional()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
