@@ -99,8 +99,8 @@ def test_seeded_sampling_is_reproducible(model, tokenizer):
     torch.manual_seed(999)
     b = gen.generate(PROMPTS, progress=False)
     assert a == b
-    greedy = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=8, batch_size=5)).generate(PROMPTS, progress=False)
-    assert a != greedy
+    greedy = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=8, batch_size=5))
+    assert a != greedy.generate(PROMPTS, progress=False)
 
 
 def test_plain_text_without_chat_template(tokenizer):
@@ -108,7 +108,8 @@ def test_plain_text_without_chat_template(tokenizer):
     tok.chat_template = None
     assert render_prompt(tok, "Hello there") == "Hello there"
     assert render_prompt(tok, "Hello there", "Sure") == "Hello there\nSure"
-    assert render_prompt(tokenizer, "Hello there").endswith("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+    expected_end = "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(tokenizer, "Hello there").endswith(expected_end)
 
 
 def test_save_and_load_generations(tmp_path):

@@ -59,7 +59,8 @@ def make_batch(B: int = 10, T: int = 12, seed: int = 1):
 def make_trainer(model, tmp_path, method="moderate", **kw):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=10, report_to="none",
                              use_cpu=True, max_grad_norm=kw.pop("max_grad_norm", 0.0), learning_rate=1e-3,
-                             save_strategy="no", logging_steps=1, disable_tqdm=True)
+                             save_strategy="no", logging_steps=1, disable_tqdm=True,
+                             ddp_backend=kw.pop("ddp_backend", None))
     return GradsiftTrainer(model=model, args=args, method=method, **kw)
 
 
@@ -286,7 +287,7 @@ def test_clip_limits_the_update_norm(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path / "c"), per_device_train_batch_size=5, max_steps=2,
                              report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-                             max_grad_norm=0.01)
+                             max_grad_norm=0.01, logging_steps=1)
     batch = make_batch()
     data = [{k: batch[k][i] for k in batch} for i in range(10)]
     collate = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731

@@ -112,17 +112,20 @@ def _item(doc_id: int, requests, labels, lengths, subset: str = "") -> MCItem:
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces of the context move to the continuation, the
-    pair is encoded whole and cut at the context's token length."""
-    if context == "":
+    pair is encoded whole and cut at the context's token length. An empty context
+    conditions on BOS (else EOS), unless the continuation already starts with it."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces and context.strip():
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
         cont = tokenizer.encode(continuation, add_special_tokens=False)
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
-            raise ValueError("empty context needs a BOS or EOS token to condition on; the tokenizer has neither")
+            raise ValueError("an empty context needs a BOS or EOS token to condition on; the tokenizer has neither")
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
         return [prefix], cont
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     return ctx, whole[len(ctx) :]

@@ -85,7 +85,8 @@ def _text(row: dict[str, Any], field: str, source: str, row_no: int, required: b
 
 
 def _parse_harmbench(rows: list[dict], source: str, include_copyright: bool) -> list[dict]:
-    _require(rows[0].keys(), ("Behavior", "FunctionalCategory", "SemanticCategory", "ContextString", "BehaviorID"), source)
+    needed = ("Behavior", "FunctionalCategory", "SemanticCategory", "ContextString", "BehaviorID")
+    _require(rows[0].keys(), needed, source)
     items = []
     for i, row in enumerate(rows, start=1):
         kind = _text(row, "FunctionalCategory", source, i)
@@ -94,8 +95,8 @@ def _parse_harmbench(rows: list[dict], source: str, include_copyright: bool) -> 
         behavior = _text(row, "Behavior", source, i)
         context = _text(row, "ContextString", source, i, required=kind == "contextual")
         prompt = context + CONTEXT_SEPARATOR + behavior if context else behavior
-        items.append(_item(_text(row, "BehaviorID", source, i), prompt, _text(row, "SemanticCategory", source, i, False),
-                           "unsafe", context))
+        category = _text(row, "SemanticCategory", source, i, required=False)
+        items.append(_item(_text(row, "BehaviorID", source, i), prompt, category, "unsafe", context))
     return items
 
 

@@ -292,6 +292,7 @@ def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: Path, 
         bf16=cfg.model.dtype in ("bf16", "bfloat16") and torch.cuda.is_available(),
         disable_tqdm=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -335,9 +335,9 @@ class SelectionStepMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._pending and "loss" in logs:
-            keys = self._pending[0].keys()
+            keys = dict.fromkeys(k for p in self._pending for k in p)
             for key in keys:
-                vals = [p[key] for p in self._pending if math.isfinite(p[key])]
+                vals = [p[key] for p in self._pending if key in p and math.isfinite(p[key])]
                 logs[key] = sum(vals) / len(vals) if vals else float("nan")
             self._pending = []
         super().log(logs, *args, **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsift.norms.rules.base import Rule, add_grad
+from gradsift.norms.rules.base import Rule, add_grad, cat_time
 
 
 class EmbeddingRule(Rule):
@@ -40,8 +40,8 @@ class EmbeddingRule(Rule):
         return torch.ones_like(ids, dtype=torch.bool) if pad is None else ids != pad
 
     def factors(self, calls, batch_size):
-        ids = torch.cat([c.ctx["ids"] for c in calls], dim=1)
-        grads = torch.cat([c.grad.reshape(batch_size, -1, c.grad.shape[-1]) for c in calls], dim=1).float()
+        ids = cat_time([c.ctx["ids"] for c in calls])
+        grads = cat_time([c.grad.reshape(batch_size, -1, c.grad.shape[-1]) for c in calls]).float()
         return ids, grads
 
     def sq_norms(self, calls, names, batch_size):

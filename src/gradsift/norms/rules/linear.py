@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd
+from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd, cat_time
 
 # Upper bound on the floats of per-sample gradients materialized at once.
 MATERIALIZE_BUDGET = 2**26
@@ -47,8 +47,8 @@ class LinearRule(Rule):
         return {"A": as_btd(args[0].detach(), batch_size)}, output
 
     def _factors(self, calls: list[Call], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        A = torch.cat([c.ctx["A"] for c in calls], dim=1).float()
-        G = torch.cat([as_btd(c.grad, batch_size) for c in calls], dim=1).float()
+        A = cat_time([c.ctx["A"] for c in calls]).float()
+        G = cat_time([as_btd(c.grad, batch_size) for c in calls]).float()
         return A, G
 
     def sq_norms(self, calls, names, batch_size):

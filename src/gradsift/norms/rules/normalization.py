@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gradsift.norms.rules.base import Rule, add_grad, suspend_hooks
+from gradsift.norms.rules.base import Rule, add_grad, cat_time, suspend_hooks
 
 _NORM_TYPES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -49,8 +49,8 @@ class NormRule(Rule):
         return {"xhat": xhat}, output
 
     def _factors(self, calls, batch_size):
-        xhat = torch.cat([c.ctx["xhat"] for c in calls], dim=1)
-        g = torch.cat([c.grad.reshape(batch_size, -1, c.grad.shape[-1]) for c in calls], dim=1).float()
+        xhat = cat_time([c.ctx["xhat"] for c in calls])
+        g = cat_time([c.grad.reshape(batch_size, -1, c.grad.shape[-1]) for c in calls]).float()
         return xhat, g
 
     def sq_norms(self, calls, names, batch_size):
