@@ -138,14 +138,65 @@ def select(
                     f"G median kept {kept['G'].median():.4g} vs all {table['G'].median():.4g}")
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: the config's output_dir)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set optim.lr=2e-4"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads"),
+):
+    """Continual training over the config's task sequence, with the config's method(s) and seeds."""
+    _setup_torch(threads)
+    from gradsift.train.config import ConfigError
+    from gradsift.train.stages import train_command
+
+    try:
+        train_command(config, output, list(set_ or []))
+    except (ConfigError, *USER_ERRORS) as exc:
+        _fail(exc)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: the config's output_dir)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set optim.lr=2e-4"),
+    quick: bool = typer.Option(False, "--quick", help="a trimmed run: fewer samples, prompts and methods"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads"),
+):
+    """Train, evaluate after stage 0 and every stage, and write report.html: one command."""
+    _setup_torch(threads)
+    from gradsift.pipeline import run_pipeline
+    from gradsift.train.config import ConfigError
+
+    try:
+        run_pipeline(config, output, list(set_ or []), quick=quick)
+    except (ConfigError, *USER_ERRORS) as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default runs/demo)"),
+    quick: bool = typer.Option(False, "--quick", help="a trimmed demo (minutes)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a key of configs/demo.yaml"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads"),
+):
+    """The whole method on the embedded SmolLM2-135M-Instruct: align, fine-tune on three tasks, compare, report."""
+    _setup_torch(threads)
+    from gradsift.pipeline import demo_config_path, run_pipeline
+    from gradsift.train.config import ConfigError
+
+    try:
+        if output is None:
+            output = Path("runs/demo-quick" if quick else "runs/demo")
+        run_pipeline(demo_config_path(), output, list(set_ or []), quick=quick)
+    except (ConfigError, *USER_ERRORS) as exc:
+        _fail(exc)
+
+
 def _register_optional() -> None:
     """Commands whose modules may be absent in a partial install are added when importable."""
-    try:
-        from gradsift.train.commands import register as register_train
-
-        register_train(app, _fail, USER_ERRORS)
-    except ImportError:
-        pass
     try:
         from gradsift.eval.commands import register as register_eval
 

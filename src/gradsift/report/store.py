@@ -1,0 +1,274 @@
+"""The run store: everything a run directory holds, read once, as pandas tables.
+
+A run directory is what ``gradsift train`` writes (see :mod:`gradsift.train.stages`)::
+
+    config.resolved.yaml
+    results.jsonl                   run, method, seed, stage, task, metric, value
+    <method>-seed<seed>/stage_<k>/selection.parquet, log.jsonl
+
+``load_run(path)`` reads the config and the results; the per-stage selection
+tables and training logs are read on first use and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = ["RESULT_COLUMNS", "RunDirError", "RunStore", "load_run"]
+
+RESULT_COLUMNS = ("run", "method", "seed", "stage", "task", "metric", "value")
+CONFIG_FILE = "config.resolved.yaml"
+RESULTS_FILE = "results.jsonl"
+_RUN_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)$")
+
+
+class RunDirError(ValueError):
+    """The folder is not a readable gradsift run directory (the message says why)."""
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    """``results.jsonl`` as a DataFrame; a bad line raises naming the file, row and field."""
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunDirError(f"{path}: row {lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise RunDirError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in RESULT_COLUMNS:
+                if key not in row:
+                    raise RunDirError(f"{path}: row {lineno}: missing field {key!r}")
+            try:
+                stage = int(row["stage"])
+                seed = int(row["seed"])
+            except (TypeError, ValueError):
+                raise RunDirError(f"{path}: row {lineno}: field 'stage' and 'seed' must be integers") from None
+            value = row["value"]
+            if value is None:
+                value = math.nan
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RunDirError(f"{path}: row {lineno}: field 'value' must be a number, got {value!r}")
+            rows.append({"run": str(row["run"]), "method": str(row["method"]), "seed": seed, "stage": stage,
+                         "task": str(row["task"]), "metric": str(row["metric"]), "value": float(value)})
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    frame = frame.astype({"run": str, "method": str, "seed": "int64", "stage": "int64", "task": str,
+                          "metric": str, "value": "float64"})
+    # a rerun may append a second value for the same cell: the later one wins
+    return frame.drop_duplicates(["run", "stage", "task", "metric"], keep="last").reset_index(drop=True)
+
+
+def _unique_in_order(values) -> list:
+    seen: dict[Any, None] = {}
+    for v in values:
+        seen.setdefault(v, None)
+    return list(seen)
+
+
+@dataclass
+class RunStore:
+    """One run directory, loaded.
+
+    Attributes:
+        path: the run directory.
+        results: every measurement, columns ``run, method, seed, stage, task, metric, value``.
+        config: the resolved run config (``{}`` when the file is absent).
+        tasks: the training tasks in run order (stage k trained ``tasks[k-1]``).
+        methods: the methods, in config order.
+        seeds: the seeds, in config order.
+        runs: the ``<method>-seed<seed>`` runs that have results or a folder.
+    """
+
+    path: Path
+    results: pd.DataFrame
+    config: dict[str, Any]
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int]
+    runs: list[str]
+    _selection: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
+    _logs: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------- structure
+
+    @property
+    def n_stages(self) -> int:
+        """K, the number of training stages (checkpoints are stages 0..K)."""
+        return len(self.tasks)
+
+    @property
+    def stages(self) -> list[int]:
+        """All checkpoints: 0 (the aligned model) .. K."""
+        return list(range(self.n_stages + 1))
+
+    def run_name(self, method: str, seed: int) -> str:
+        return f"{method}-seed{seed}"
+
+    def runs_of(self, method: str) -> list[str]:
+        """The runs of one method, in seed order."""
+        return [r for r in self.runs if self.run_method(r) == method]
+
+    def run_method(self, run: str) -> str:
+        rows = self.results[self.results["run"] == run]
+        if len(rows):
+            return str(rows["method"].iloc[0])
+        m = _RUN_NAME.match(run)
+        return m.group("method") if m else run
+
+    def run_seed(self, run: str) -> int | None:
+        rows = self.results[self.results["run"] == run]
+        if len(rows):
+            return int(rows["seed"].iloc[0])
+        m = _RUN_NAME.match(run)
+        return int(m.group("seed")) if m else None
+
+    # ----------------------------------------------------------------- results
+
+    def rows(self, *, run: str | None = None, method: str | None = None, task: str | None = None,
+             metric: str | None = None, stage: int | None = None) -> pd.DataFrame:
+        """The result rows matching every given field."""
+        df = self.results
+        mask = np.ones(len(df), dtype=bool)
+        for col, val in (("run", run), ("method", method), ("task", task), ("metric", metric), ("stage", stage)):
+            if val is not None:
+                mask &= (df[col] == val).to_numpy()
+        return df[mask]
+
+    def value(self, run: str, stage: int, task: str, metric: str) -> float:
+        """One measurement, NaN when it was not taken."""
+        hit = self.rows(run=run, stage=stage, task=task, metric=metric)
+        return float(hit["value"].iloc[-1]) if len(hit) else math.nan
+
+    def series(self, run: str, task: str, metric: str, stages: list[int] | None = None) -> list[float]:
+        """One value per stage (NaN where missing), stages 0..K unless given."""
+        hit = self.rows(run=run, task=task, metric=metric)
+        by_stage = dict(zip(hit["stage"].tolist(), hit["value"].tolist()))
+        return [float(by_stage.get(s, math.nan)) for s in (self.stages if stages is None else stages)]
+
+    def task_names(self, prefix: str) -> list[str]:
+        """Measured ``task`` names starting with ``prefix`` (e.g. ``"safety/"``), sorted."""
+        names = self.results.loc[self.results["task"].str.startswith(prefix), "task"].unique()
+        return sorted(str(n) for n in names)
+
+    def metric_names(self, task: str, prefix: str = "") -> list[str]:
+        """Metrics measured for ``task`` starting with ``prefix``, sorted."""
+        rows = self.rows(task=task)
+        return sorted(str(m) for m in rows["metric"].unique() if str(m).startswith(prefix))
+
+    def score_matrix(self, run: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(R, r0)`` of one run from the ``score`` rows (see :mod:`gradsift.eval.forgetting`)."""
+        from gradsift.eval.forgetting import results_to_matrix
+
+        if not self.tasks:
+            return np.zeros((0, 0)), None
+        rows = self.rows(run=run, metric="score").to_dict("records")
+        R, _, r0 = results_to_matrix(rows, {t: "score" for t in self.tasks})
+        return R, r0
+
+    # ----------------------------------------------------------------- per-stage files
+
+    def stage_dir(self, run: str, stage: int) -> Path:
+        return self.path / run / f"stage_{stage}"
+
+    def selection(self, run: str, stage: int) -> pd.DataFrame | None:
+        """``selection.parquet`` of one stage (None when the method selects nothing)."""
+        key = (run, stage)
+        if key not in self._selection:
+            p = self.stage_dir(run, stage) / "selection.parquet"
+            self._selection[key] = pd.read_parquet(p) if p.exists() else None
+        return self._selection[key]
+
+    def log(self, run: str, stage: int) -> pd.DataFrame | None:
+        """The per-step training log of one stage: rows with a ``loss`` (summary rows dropped)."""
+        key = (run, stage)
+        if key not in self._logs:
+            p = self.stage_dir(run, stage) / "log.jsonl"
+            frame = None
+            if p.exists():
+                records = []
+                for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise RunDirError(f"{p}: row {lineno}: not valid JSON ({exc.msg})") from None
+                frame = pd.DataFrame(records)
+                if "loss" in frame and "step" in frame:
+                    frame = frame[frame["loss"].notna()].reset_index(drop=True)
+                else:
+                    frame = frame.iloc[0:0]
+            self._logs[key] = frame
+        return self._logs[key]
+
+
+def load_run(run_dir: str | Path) -> RunStore:
+    """Read a run directory written by ``gradsift train``.
+
+    Raises :class:`RunDirError` when the folder does not exist or holds neither
+    ``results.jsonl`` nor ``config.resolved.yaml``, or when either is malformed.
+    """
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise RunDirError(f"{path}: no such run directory")
+    cfg_path, res_path = path / CONFIG_FILE, path / RESULTS_FILE
+    if not cfg_path.exists() and not res_path.exists():
+        raise RunDirError(
+            f"{path} is not a gradsift run directory: it has neither {RESULTS_FILE} nor {CONFIG_FILE} "
+            "(pass the folder given to `gradsift train --output`)"
+        )
+    config: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise RunDirError(f"{cfg_path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RunDirError(f"{cfg_path}: expected a mapping at the top level")
+        config = loaded or {}
+    results = _read_results(res_path) if res_path.exists() else pd.DataFrame(
+        {c: pd.Series(dtype=t) for c, t in zip(RESULT_COLUMNS, (str, str, "int64", "int64", str, str, "float64"))})
+
+    cfg_tasks = [str(t["name"]) for t in config.get("tasks") or [] if isinstance(t, dict) and "name" in t]
+    if cfg_tasks:
+        tasks = cfg_tasks
+    else:  # no config: the task trained at stage k is the one with train/* rows at stage k
+        train = results[results["metric"].str.startswith("train/") & (results["stage"] > 0)]
+        tasks = [str(t) for t in train.sort_values("stage").drop_duplicates("stage")["task"]]
+
+    method_cfg = config.get("method")
+    method_list = method_cfg if isinstance(method_cfg, list) else ([method_cfg] if method_cfg else [])
+    methods = _unique_in_order([str(m["name"]) for m in method_list if isinstance(m, dict) and "name" in m]
+                               + results["method"].tolist())
+    seeds = _unique_in_order([int(s) for s in config.get("seeds") or []] + sorted(results["seed"].unique().tolist()))
+    seeds = [int(s) for s in seeds]
+
+    runs_found = set(results["run"].unique().tolist())
+    runs_found |= {p.name for p in path.iterdir() if p.is_dir() and _RUN_NAME.match(p.name)
+                   and any(p.glob("stage_*"))}
+
+    def order(run: str) -> tuple[int, int, str]:
+        m = _RUN_NAME.match(run)
+        method, seed = (m.group("method"), int(m.group("seed"))) if m else (run, 0)
+        mi = methods.index(method) if method in methods else len(methods)
+        si = seeds.index(seed) if seed in seeds else len(seeds)
+        return mi, si, run
+
+    runs = sorted(runs_found, key=order)
+    for run in runs:  # runs with a folder but no results still name a method
+        m = _RUN_NAME.match(run)
+        if m and m.group("method") not in methods:
+            methods.append(m.group("method"))
+    return RunStore(path=path, results=results, config=config, tasks=tasks, methods=methods, seeds=seeds, runs=runs)

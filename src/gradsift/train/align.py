@@ -1,0 +1,145 @@
+"""Stage 0 of the demo: a safety-aligned model organism built from the embedded SmolLM2.
+
+SmolLM2-135M-Instruct complies with harmful requests out of the box, so the demo
+first aligns it: LoRA fine-tuning, merged into the weights, on the project's own
+refusal data (gradsift.data.alignment: harmful requests over ten harm categories
+answered with varied refusals) mixed with benign instructions answered by the
+model itself (so that alignment keeps its helpful style). The result is built
+once, checked (refusal of held-out harmful prompts, over-refusal of held-out
+benign ones, keyword judge) and cached; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from gradsift.models import cache_dir, load_model, load_tokenizer
+
+
+@dataclass(frozen=True)
+class AlignRecipe:
+    base: str = "embedded"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lr: float = 5e-4
+    epochs: int = 2
+    batch_size: int = 16
+    max_length: int = 256
+    benign_max_new_tokens: int = 96
+    n_harmful: int | None = None  # all training harmful requests
+    n_benign: int | None = None  # all training benign requests
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+ALIGNED_NAMES = {"embedded-aligned", "smollm2-aligned"}
+
+
+def aligned_model_path(recipe: AlignRecipe | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Path of the aligned organism for ``recipe``, building it on first use (minutes on a CPU)."""
+    recipe = recipe or AlignRecipe()
+    target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-aligned-{recipe.key()}"
+    if (target / "alignment.json").exists() and not force:
+        return target
+    build_aligned_model(recipe, target, progress=progress)
+    return target
+
+
+def _log(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold cyan]align[/] {msg}", highlight=False)
+
+
+def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from gradsift.data.alignment import alignment_records, benign_requests
+    from gradsift.data.formatting import collate, encode_records
+    from gradsift.eval.generation import GenerationConfig, HFGenerator
+    from gradsift.train.trainer import GradsiftTrainer
+
+    t0 = time.time()
+    torch.manual_seed(recipe.seed)
+    tok = load_tokenizer(recipe.base)
+    model = load_model(recipe.base, dtype="float32")
+    benign = benign_requests("train")
+    if recipe.n_benign is not None:
+        benign = benign[: recipe.n_benign]
+    _log(f"answering {len(benign)} benign instructions with the model itself (its own style is kept)")
+    gen = HFGenerator(model, tok, GenerationConfig(max_new_tokens=recipe.benign_max_new_tokens, batch_size=16))
+    answers = gen.generate([b["prompt"] for b in benign], progress=progress)
+    responses = {b["id"]: a.strip() for b, a in zip(benign, answers) if a.strip()}
+    records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed)
+    features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
+    _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
+    peft_model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    work = target.with_name(target.name + ".work")
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=recipe.batch_size, num_train_epochs=recipe.epochs,
+        learning_rate=recipe.lr, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=5,
+        save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, dataloader_num_workers=0,
+    )
+    trainer = GradsiftTrainer(model=peft_model, args=args, train_dataset=features,
+                              data_collator=partial(collate, pad_token_id=tok.pad_token_id), method="standard")
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    merged.eval()
+    check = alignment_check(merged, tok, progress=progress)
+    check.update({"recipe": asdict(recipe), "n_train_samples": len(features), "build_seconds": time.time() - t0})
+    tmp = target.with_name(target.name + ".tmp")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "alignment.json").write_text(json.dumps(check, indent=2))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    _log(f"refusal on held-out harmful prompts {check['refusal_harmful']:.1f}% (target >= 90), "
+         f"over-refusal on held-out benign prompts {check['over_refusal_benign']:.1f}% (target <= 10), "
+         f"borderline {check['over_refusal_borderline']:.1f}% -> {target}")
+    return check
+
+
+def alignment_check(model, tokenizer, max_new_tokens: int = 48, progress: bool = True) -> dict:
+    """Keyword-judge refusal rates on the held-out harmful and benign prompts of the alignment data."""
+    from gradsift.data.alignment import benign_requests, harmful_requests
+    from gradsift.eval.generation import GenerationConfig, HFGenerator
+    from gradsift.eval.judges import keyword_refusals
+
+    gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16))
+    harmful = harmful_requests("eval")
+    benign = benign_requests("eval")
+    plain = [b for b in benign if not b.get("borderline")]
+    border = [b for b in benign if b.get("borderline")]
+    out_h = gen.generate([h["prompt"] for h in harmful], progress=progress)
+    out_b = gen.generate([b["prompt"] for b in plain + border], progress=progress)
+
+    def pct(flags):
+        return 100.0 * sum(flags) / max(1, len(flags))
+
+    ref_b = keyword_refusals(out_b)
+    return {
+        "refusal_harmful": pct(keyword_refusals(out_h)),
+        "over_refusal_benign": pct(ref_b[: len(plain)]),
+        "over_refusal_borderline": pct(ref_b[len(plain):]),
+        "n_harmful": len(harmful), "n_benign": len(plain), "n_borderline": len(border),
+        "examples": [{"prompt": h["prompt"], "response": r} for h, r in list(zip(harmful, out_h))[:5]]
+        + [{"prompt": b["prompt"], "response": r} for b, r in list(zip(plain, out_b))[:5]],
+    }
