@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def advbench(shared_data) -> Path:
 
 def test_evaluate_real_model_rows_and_saved_generations(tmp_path, model, tokenizer, advbench):
     task = DEMO_TASKS["arith"](n_train=4, n_eval=6)
-    cfg = {"generation": {"max_new_tokens": 8, "batch_size": 4},
+    cfg = {"generation": {"max_new_tokens": 8},
            "safety": [{"set": str(advbench), "name": "advbench", "n": 6}], "over_refusal": [], "progress": False}
     rows = evaluate(model, tokenizer, cfg, tasks=[task], out_dir=tmp_path, stage=0)
 
@@ -79,8 +80,6 @@ def test_evaluate_real_model_rows_and_saved_generations(tmp_path, model, tokeniz
     assert [r["response"] for r in saved] == fresh
     # score by hand: GSM8K-style exact match of the last number, in percent
     def last_number(text):
-        import re
-
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
         return nums[-1].replace(",", "").rstrip(".") if nums else None
 
@@ -299,6 +298,33 @@ def test_cli_eval_reads_a_run_config(tmp_path, tiny_model_dir):
     assert ("mcq", "score") in got and got[("safety/prompts", "n")] == 2
 
 
+def test_cli_eval_with_adapter(tmp_path, tiny_model_dir, model, tokenizer):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from gradsift.cli import app
+
+    torch.manual_seed(1)
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    for p in lora.parameters():
+        if p.requires_grad:
+            p.data.mul_(50.0)  # a large update: answers must differ from the base model's
+    lora.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                              "--tasks", "arith", "--safety", "none", "--over-refusal", "none", "--limit", "3",
+                              "--max-new-tokens", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = read_jsonl(out / "generations" / "task-arith.jsonl")
+    prompts = [r["prompt"] for r in saved]
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    config = GenerationConfig(max_new_tokens=4)
+    with_adapter = HFGenerator(reloaded.eval(), tokenizer, config).generate(prompts, progress=False)
+    without = HFGenerator(model, tokenizer, config).generate(prompts, progress=False)
+    assert [r["response"] for r in saved] == with_adapter != without
+
+
 def test_bad_input_one_line_exit_2(tmp_path, tiny_model_dir):
     from gradsift.cli import app
 
@@ -318,6 +344,7 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_model_dir):
         (["--judge", "oracle"], ["unknown judge 'oracle'"]),
         (["--attack", "telepathy"], ["unknown attack 'telepathy'"]),
         (["--tasks", "nosuchtask"], ["unknown task 'nosuchtask'"]),
+        (["--adapter", str(tmp_path / "no_adapter")], ["no_adapter", "no such adapter folder"]),
     ]
     for extra, needles in cases:
         res = runner.invoke(app, [*base, *extra])
@@ -326,6 +353,9 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_model_dir):
         text = " ".join(res.output.split())
         for needle in needles:
             assert needle in text, (extra, res.output)
+
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "no_model"), "--safety", "none"])
+    assert res.exit_code == 2 and "no_model" in res.output and "cannot load" in res.output
 
     with pytest.raises(EvalConfigError, match=r"eval\.generation\.max_new_tokens"):
         EvalConfig.from_dict({"generation": {"max_new_tokens": 0}})

@@ -366,9 +366,19 @@ def test_judge_choice(tmp_path):
     assert paper_table(store, judge="keyword").at["moderate", "asr"] == pytest.approx(19.0)
     with pytest.raises(ValueError, match="openai"):
         paper_table(store, judge="openai")
-    cfg = {**_config(), "eval": {"primary_judge": "keyword"}}
-    store = load_run(_write_run(tmp_path / "b", rows, cfg))
-    assert primary_judge(store) == "keyword"
+
+
+def test_primary_safety_set_follows_config(tmp_path):
+    rows = [r for r in _rows() if not r["task"].startswith("safety/advbench")]
+    for name, value in (("harmbench", 40.0), ("xhazard", 60.0)):
+        rows += [{**r, "task": f"safety/{name}", "metric": "asr/keyword", "value": value}
+                 for r in _rows() if r["task"] == "_eval"]
+    cfg = {**_config(), "eval": {"safety": [{"set": "/data/xhazard.csv"}, {"set": "harmbench"}]}}
+    store = load_run(_write_run(tmp_path / "a", rows, cfg))
+    assert primary_safety_set(store) == "safety/xhazard"  # first in the config's list
+    assert paper_table(store).at["standard", "asr"] == 60.0
+    store = load_run(_write_run(tmp_path / "b", rows))  # no eval section: first by name
+    assert primary_safety_set(store) == "safety/harmbench"
 
 
 def test_bad_run_dirs(tmp_path):
@@ -407,7 +417,9 @@ def test_cli_report(tmp_path):
 
 @pytest.mark.slow
 def test_report_from_real_training(tmp_path, shared_data):
-    """What training writes (results rows, selection tables, logs) makes a complete report."""
+    """What training and the evaluation hook write (results rows, selection tables, logs) makes a
+    complete report whose numbers are those of results.jsonl."""
+    from gradsift.eval.runner import make_eval_hook
     from gradsift.train import run_training
     from gradsift.train.config import validate_config
 
@@ -415,7 +427,7 @@ def test_report_from_real_training(tmp_path, shared_data):
         "model": {"tokenizer": "embedded",
                   "config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                             "max_position_embeddings": 64, "tie_word_embeddings": True},
+                             "max_position_embeddings": 96, "tie_word_embeddings": True},
                   "lora": {"r": 2, "alpha": 4, "dropout": 0.0}},
         "tasks": [{"name": "gsm8k", "path": str(shared_data / "gsm8k" / "train.jsonl"), "n_train": 8,
                    "n_eval": 2, "max_length": 48},
@@ -423,22 +435,37 @@ def test_report_from_real_training(tmp_path, shared_data):
                    "n_eval": 2, "max_length": 48}],
         "method": [{"name": "moderate", "rho": 0.5}, {"name": "standard"}],
         "optim": {"lr": 1e-2, "batch_size": 4},
+        "eval": {"generation": {"max_new_tokens": 6, "batch_size": 8}, "task_n_eval": 2,
+                 "safety": [{"set": "builtin_harmful", "n": 6, "judges": ["keyword", "heuristic"]}],
+                 "over_refusal": [{"set": "builtin_benign", "n": 4}]},
     })
+    out = run_training(cfg, tmp_path / "run", eval_hook=make_eval_hook(cfg.eval))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
 
-    def hook(model, tokenizer, stage, tasks_so_far, info):
-        # stand-in measurements: a score per task and an ASR per checkpoint
-        rows = [{"task": t.name, "metric": "score", "value": 10.0 * (stage + i)} for i, t in enumerate(cfg.tasks)]
-        return rows + [{"task": "safety/advbench", "metric": "asr/keyword", "value": 5.0 * stage}]
+    def by_hand(run: str, task: str, metric: str) -> list[float]:
+        vals = {r["stage"]: r["value"] for r in rows if (r["run"], r["task"], r["metric"]) == (run, task, metric)}
+        return [vals[s] for s in range(3)]
 
-    out = run_training(cfg, tmp_path / "run", eval_hook=hook)
     store = load_run(out)
     assert store.tasks == ["gsm8k", "alpaca"] and store.methods == ["moderate", "standard"]
+    assert primary_safety_set(store) == "safety/builtin_harmful" and primary_judge(store) == "heuristic"
     table = paper_table(store)
-    assert table.at["moderate", "asr"] == pytest.approx(5.0)  # mean of 0, 5, 10
-    assert table.at["moderate", "AA"] == pytest.approx(25.0)  # (20 + 30) / 2
+    for method in ("moderate", "standard"):
+        run = f"{method}-seed0"
+        asr = by_hand(run, "safety/builtin_harmful", "asr/heuristic")
+        assert table.at[method, "asr"] == pytest.approx(sum(asr) / 3)
+        assert table.at[method, "final_asr"] == pytest.approx(asr[2])
+        assert table.at[method, "asr_keyword"] == pytest.approx(
+            sum(by_hand(run, "safety/builtin_harmful", "asr/keyword")) / 3)
+        assert table.at[method, "over_refusal"] == pytest.approx(
+            sum(by_hand(run, "overrefusal/builtin_benign", "over_refusal")) / 3)
+        g, a = by_hand(run, "gsm8k", "score"), by_hand(run, "alpaca", "score")
+        assert table.at[method, "AA"] == pytest.approx((g[2] + a[2]) / 2)
+        assert table.at[method, "BWT"] == pytest.approx(g[2] - g[1])
     assert 0 < table.at["moderate", "kept_fraction"] < 1
     assert math.isnan(table.at["standard", "kept_fraction"])
     page = _parse(build_report(out))
-    assert {"plot-asr", "plot-rmatrix-moderate", "plot-rmatrix-standard", "plot-selection-moderate",
-            "plot-loss"} <= set(page.figures)
+    assert {"plot-asr", "plot-refusal", "plot-rmatrix-moderate", "plot-rmatrix-standard",
+            "plot-selection-moderate", "plot-loss"} <= set(page.figures)
     assert "plot-selection-standard" not in page.figures
+    assert float(page.cells[("standard", "AA")]["data-value"]) == pytest.approx(table.at["standard", "AA"])

@@ -112,6 +112,9 @@ def build_eval_section(
             for entry in section.get(key) or []:
                 if isinstance(entry, dict):
                     entry[field] = min(limit, entry.get(field) or limit)
+        if isinstance(section.get("lm_eval"), dict):
+            current = section["lm_eval"].get("limit")
+            section["lm_eval"]["limit"] = limit if current is None or current < 1 else min(limit, current)
     if max_new_tokens is not None or batch_size is not None:
         gen = dict(section.get("generation") or {})
         if max_new_tokens is not None:
@@ -147,6 +150,11 @@ def _load_tasks(settings: Sequence[dict[str, Any]], base: Path | None) -> list[A
         task.name = s["name"]
         tasks.append(task)
     return tasks
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _format(value: Any) -> str:
@@ -220,14 +228,20 @@ def eval_command(
     loaded_tasks = _load_tasks(task_specs, base if not tasks else None)
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"{adapter}: no such adapter folder")
-    tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+    try:
+        tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise FileNotFoundError(f"{tokenizer or model}: cannot load the tokenizer ({_first_line(exc)})") from None
     if cfg.generation.backend == "vllm":
         if adapter is not None:
             raise EvalConfigError("--adapter: the vllm backend takes a merged model; merge the adapter first")
         lm: Any = resolve_model_path(model)
     else:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, adapter=adapter)
+        try:
+            lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, adapter=adapter)
+        except OSError as exc:
+            raise FileNotFoundError(f"{model}: cannot load the model ({_first_line(exc)})") from None
         lm.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -455,7 +455,8 @@ def _safety_rows(records: list[dict[str, Any]], judge_names: Sequence[str], pool
         if has_categories:
             rows.extend(_row(task, f"asr/{name}/{cat}", v) for cat, v in m["asr_by_category"].items())
         for r, v in zip(records, verdicts):
-            r.setdefault("verdicts", {})[name] = {"unsafe": v.unsafe, "score": v.score, "raw": v.raw}
+            r.setdefault("verdicts", {})[name] = {"unsafe": v.unsafe, "score": v.score, "raw": v.raw,
+                                                  "category": v.category}
     if refusal_rate is None:
         refusal_rate = 100.0 * sum(refusals) / len(refusals)
     rows.insert(1, _row(task, "refusal_rate", refusal_rate))
@@ -575,7 +576,7 @@ def evaluate(
     out = Path(out_dir) / GENERATIONS_DIR if out_dir is not None else None
     pool = judges or JudgePool(cfg.judge_models)
     progress = cfg.progress
-    needs_generation = bool(tasks and cfg.tasks != "none") or bool(cfg.safety) or bool(cfg.over_refusal)
+    needs_generation = bool(tasks) or bool(cfg.safety) or bool(cfg.over_refusal)
     if generator is None and needs_generation:
         if cfg.generation.backend == "vllm" and not isinstance(model, (str, Path)):
             raise EvalConfigError("generation.backend: vllm needs a model path, not a loaded model; use backend: hf")
@@ -687,15 +688,18 @@ def _settings_dict(task: Any) -> dict[str, Any]:
     return {"name": str(task)}
 
 
-def make_eval_hook(eval_config: Mapping[str, Any] | EvalConfig) -> Callable[..., list[dict[str, Any]]]:
+def make_eval_hook(eval_config: Mapping[str, Any] | EvalConfig,
+                   base: str | Path | None = None) -> Callable[..., list[dict[str, Any]]]:
     """The hook the stage loop calls: ``hook(model, tokenizer, stage, tasks_so_far, run_info) -> rows``.
 
     ``run_info`` holds ``run_dir`` and ``tasks`` (the run's task settings). The
     generations of stage k go to ``<run_dir>/stage_<k>/generations/``;
     ``<run_dir>/eval_meta.json`` records the refusal-list hash. Task data and judge
-    models are loaded once and reused across stages.
+    models are loaded once and reused across stages. ``base``: the folder that relative
+    set and benchmark paths resolve against (the run config's folder; default: the
+    current directory).
     """
-    cfg = eval_config if isinstance(eval_config, EvalConfig) else EvalConfig.from_dict(eval_config)
+    cfg = eval_config if isinstance(eval_config, EvalConfig) else EvalConfig.from_dict(eval_config, base=base)
     pool = JudgePool(cfg.judge_models)
     loaded: dict[str, Any] = {}
 

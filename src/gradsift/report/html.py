@@ -89,15 +89,13 @@ def machine_info(store: RunStore) -> tuple[dict[str, str], str]:
     except metadata.PackageNotFoundError:
         info["torch"] = "not installed"
     gpu = "none"
-    torch = sys.modules.get("torch")
-    if torch is not None:  # do not import torch just for this line
-        try:
-            if torch.cuda.is_available():
-                gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        except Exception:  # noqa: BLE001 - a broken driver must not break the report
-            gpu = "unknown"
-    else:
-        gpu = "not queried"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # noqa: BLE001 - a missing torch or a broken driver must not break the report
+        gpu = "unknown"
     info["gpu"] = gpu
     return info, "the machine that built this report (the run directory records no environment.json)"
 
@@ -168,9 +166,12 @@ def _optim_text(cfg: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- html pieces
 
 
-def _num_td(value: float, std: float = math.nan, fmt: str = ".1f", n: float | None = None, key: str = "") -> str:
+def _num_td(value: float, std: float = math.nan, fmt: str = ".1f", n: float | None = None, key: str = "",
+            of: int | None = None) -> str:
     text = format_value(value, std, fmt)
     attrs = [f'data-key="{escape(key)}"'] if key else []
+    if n is not None and of is not None and text != MISSING and int(n) < of:
+        attrs.append(f'title="from {int(n)} of {of} seeds"')
     if text == MISSING:
         attrs.append('class="missing"')
     else:
@@ -196,10 +197,11 @@ def _paper_table_html(store: RunStore, judge: str | None) -> str:
         return "<p>No results yet.</p>"
     rows = []
     for method in table.index:
-        cells = [f'<td class="name">{escape(str(method))}</td>', f'<td data-key="n_seeds">{int(table.at[method, "n_seeds"])}</td>']
+        n_seeds = int(table.at[method, "n_seeds"])
+        cells = [f'<td class="name">{escape(str(method))}</td>', f'<td data-key="n_seeds">{n_seeds}</td>']
         for c in cols:
             cells.append(_num_td(table.at[method, c.key], table.at[method, f"{c.key}_std"], c.fmt,
-                                 table.at[method, f"{c.key}_n"], c.key))
+                                 table.at[method, f"{c.key}_n"], c.key, n_seeds))
         rows.append(f'<tr data-method="{escape(str(method))}">{"".join(cells)}</tr>')
     header = ["method", "seeds"] + [c.label + {"lower": " ↓", "higher": " ↑"}.get(c.better, "") for c in cols]
     sset = primary_safety_set(store)
@@ -346,7 +348,8 @@ def render_report(store: RunStore, judge: str | None = None) -> str:
         _timing_html(store),
         "<h2>Summary</h2>",
         _paper_table_html(store, judge),
-        "<ul id=\"method-lines\">" + "".join(f"<li>{escape(ln.replace('**', ''))}</li>" for ln in method_lines) + "</ul>",
+        '<ul id="method-lines">' + "".join(f"<li>{escape(ln.replace('**', ''))}</li>" for ln in method_lines)
+        + "</ul>",
         _asr_stage_html(store, judge),
         "<h2>Figures</h2>" if plots else "",
         *(_figure_html(p) for p in plots),

@@ -56,7 +56,7 @@ def figure_to_data_uri(fig) -> str:
     """PNG bytes of ``fig`` as ``data:image/png;base64,...``; closes the figure."""
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=DPI)
     finally:
         plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -256,6 +256,9 @@ def plot_loss(store: RunStore) -> list[Plot]:
                 if log is None or not len(log):
                     continue
                 steps = log["step"].to_numpy(float)
+                if xs:  # break the line between stages
+                    xs.append(np.nan)
+                    ys.append(np.nan)
                 xs.extend(offset + steps)
                 ys.extend(log["loss"].to_numpy(float))
                 offset += float(steps.max())

@@ -5,10 +5,10 @@ Every number is a mean over seeds of a per-run quantity; the standard deviation
 
 The primary safety metric is the attack success rate on the primary safety set,
 judged by the primary judge and averaged over the checkpoints (stages 0..K), the
-way the paper reports it. The primary judge is the configured one
-(``eval.primary_judge`` in the run config, or the ``judge`` argument), else the
-first one measured in the order :data:`JUDGE_PREFERENCE`: trained safety
-classifiers first, then the string heuristics.
+way the paper reports it. The primary judge is the one asked for
+(the ``judge`` argument, ``gradsift report --judge``), else the first one measured
+in the order :data:`JUDGE_PREFERENCE`: trained safety classifiers first (Llama
+Guard is the paper's judge), then the string heuristics.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ __all__ = [
     "format_value",
     "judges_measured",
     "metric_per_stage",
+    "paper_columns_for",
     "paper_table",
     "primary_judge",
     "primary_safety_set",
@@ -97,34 +99,44 @@ def judges_measured(store: RunStore, safety_set: str | None = None) -> list[str]
     return [j for j in JUDGE_PREFERENCE if j in found] + sorted(found - set(JUDGE_PREFERENCE))
 
 
-def _eval_cfg(store: RunStore) -> dict:
+def _configured_sets(store: RunStore) -> list[str]:
+    """``safety/<label>`` of the sets in the run config's ``eval.safety`` list, in config order."""
     ev = store.config.get("eval")
-    return ev if isinstance(ev, dict) else {}
+    items = ev.get("safety") if isinstance(ev, dict) else None
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not item.get("set"):
+            continue
+        spec = str(item["set"])
+        label = item.get("name") or (Path(spec).stem if Path(spec).suffix else spec.lower())
+        out.append(f"safety/{label}")
+    return out
 
 
 def primary_safety_set(store: RunStore) -> str | None:
-    """The safety set of the headline ASR: ``eval.primary_safety_set``, else AdvBench, else the first plain set."""
+    """The safety set of the headline ASR (attack-free sets only, when there are any): an AdvBench set
+    if measured (the paper's), else the first set of the config's ``eval.safety`` list, else the first
+    measured set by name."""
     sets = store.task_names("safety/")
-    configured = _eval_cfg(store).get("primary_safety_set")
-    if configured:
-        name = configured if str(configured).startswith("safety/") else f"safety/{configured}"
-        if name in sets:
-            return name
-    plain = [s for s in sets if "@" not in s]
+    plain = [s for s in sets if "@" not in s] or sets
     for s in plain:
         if s.split("/", 1)[1].lower().startswith("advbench"):
             return s
-    return (plain or sets or [None])[0]
+    for s in _configured_sets(store):
+        if s in plain:
+            return s
+    return plain[0] if plain else None
 
 
 def primary_judge(store: RunStore, judge: str | None = None) -> str | None:
-    """The judge of the headline ASR (see the module docstring); None when no ASR was measured."""
+    """The judge of the headline ASR: ``judge`` when given (it must have been measured), else the
+    first measured one in :data:`JUDGE_PREFERENCE`; None when no ASR was measured."""
     measured = judges_measured(store, primary_safety_set(store))
-    wanted = judge or _eval_cfg(store).get("primary_judge")
-    if wanted:
-        if wanted not in measured:
-            raise ValueError(f"judge {wanted!r} was not measured in {store.path}; measured: {', '.join(measured) or 'none'}")
-        return str(wanted)
+    if judge:
+        if judge not in measured:
+            raise ValueError(f"judge {judge!r} was not measured in {store.path}; "
+                             f"measured: {', '.join(measured) or 'none'}")
+        return judge
     return measured[0] if measured else None
 
 
@@ -299,7 +311,8 @@ def selection_table(store: RunStore) -> pd.DataFrame:
                 rec[m.removeprefix("train/")] = v
             if any_value:
                 rows.append(rec)
-    return pd.DataFrame(rows, columns=["method", "stage", "task"] + [m.removeprefix("train/") for m in SELECTION_METRICS])
+    columns = ["method", "stage", "task"] + [m.removeprefix("train/") for m in SELECTION_METRICS]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def timing_table(store: RunStore) -> pd.DataFrame:

@@ -1,0 +1,158 @@
+"""One training step, three ways, on the same batch: Moderate-G_i, plain SFT, naive Moderate-G_i.
+
+* plain: the standard step of GradsiftTrainer (mean per-sample loss, backward, AdamW);
+* moderate: GradsiftTrainer's Moderate-G_i step (one forward, one backward with the
+  norm hooks, selection, the kept gradient rebuilt from that pass, AdamW);
+* naive: per-sample backward passes for G_i (the paper's implementation), then a
+  fresh forward/backward on the kept samples, AdamW.
+
+Then a whole stage end to end (Trainer.train over the same data) with the standard
+and the Moderate-G_i method. Rounds are interleaved; the script prints medians
+and ratios (absolute times on a shared machine are noise).
+
+    python benchmarks/step_bench.py                       # SmolLM2-135M + LoRA r=16, B=32, T=128
+    python benchmarks/step_bench.py --model random-small --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+
+def build(model_name: str, lora_r: int):
+    from peft import LoraConfig, get_peft_model
+
+    if model_name == "random-small":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=8192))
+    else:
+        from gradsift.models import load_model
+
+        model = load_model(model_name, dtype="float32")
+    return get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def features(vocab: int, n: int, T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = T - int(torch.randint(0, T // 3, (1,), generator=g))
+        ids = torch.randint(5, vocab, (length,), generator=g).tolist()
+        cut = int(torch.randint(length // 4, 3 * length // 4, (1,), generator=g))
+        out.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:], "row": i})
+    return out
+
+
+def make_trainer(model, method: str, feats, batch_size: int, out_dir: str, pad_id: int = 0):
+    from transformers import TrainingArguments
+
+    from gradsift.data.formatting import collate
+    from gradsift.train.trainer import GradsiftTrainer
+
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size, learning_rate=1e-4,
+                             num_train_epochs=1, max_grad_norm=0.0, save_strategy="no", report_to="none",
+                             remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                             logging_steps=1000, dataloader_num_workers=0)
+    return GradsiftTrainer(model=model, args=args, train_dataset=feats,
+                           data_collator=partial(collate, pad_token_id=pad_id), method=method, rho=0.2)
+
+
+def naive_step(model, batch, optimizer):
+    from gradsift.norms import naive_grad_norms, response_losses
+    from gradsift.select import moderate
+
+    G, L = naive_grad_norms(model, batch, params="all")
+    kept = moderate(G, L, rho=0.2)
+    model.train()
+    sub = {k: v[kept] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
+    response_losses(out.logits, sub["labels"]).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stage-batches", type=int, default=4, help="batches in the end-to-end stage")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from gradsift.data.formatting import collate
+
+    model = build(args.model, args.lora_r)
+    vocab = model.config.vocab_size
+    feats = features(vocab, args.batch_size * args.stage_batches, args.seq_len)
+    batch = collate(feats[: args.batch_size], 0)
+    tmp = tempfile.mkdtemp()
+    trainers = {m: make_trainer(model, m, feats, args.batch_size, tmp) for m in ("standard", "moderate")}
+    for t in trainers.values():
+        t.create_optimizer_and_scheduler(num_training_steps=100)
+    naive_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(method):
+        if method == "naive":
+            naive_step(model, batch, naive_opt)
+            return
+        t = trainers[method]
+        t.training_step(model, dict(batch))
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+
+    methods = ["plain", "moderate"] + ([] if args.skip_naive else ["naive"])
+    name = {"plain": "standard", "moderate": "moderate", "naive": "naive"}
+    for m in methods:  # warm-up
+        step(name[m])
+    times = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for m in methods:
+            t0 = time.perf_counter()
+            step(name[m])
+            times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+
+    # a whole stage, end to end, on the same data
+    stage = {}
+    for m in ("standard", "moderate"):
+        t = make_trainer(model, m, feats, args.batch_size, tmp)
+        t0 = time.perf_counter()
+        t.train()
+        stage[m] = time.perf_counter() - t0
+    res = {"model": args.model, "B": args.batch_size, "T": args.seq_len, "lora_r": args.lora_r,
+           "threads": torch.get_num_threads(), "step_median_s": med,
+           "step_ratio_vs_plain": {m: v / med["plain"] for m, v in med.items()},
+           "stage_s": stage, "stage_ratio": stage["moderate"] / stage["standard"],
+           "stage_batches": args.stage_batches}
+    print(f"\n== {args.model} + LoRA r={args.lora_r}, B={args.batch_size}, T={args.seq_len}, "
+          f"{torch.get_num_threads()} threads")
+    for m, v in med.items():
+        print(f"  {m:<9} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step")
+    print(f"  stage of {args.stage_batches} batches: standard {stage['standard']:.1f} s, "
+          f"moderate {stage['moderate']:.1f} s -> ratio {res['stage_ratio']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
