@@ -63,7 +63,7 @@ def run_pipeline(config: Path, output: Path | None = None, overrides: list[str] 
     for key, value in parse_overrides(overrides).items():
         set_dotted(data, key, value)
     cfg = validate_config(data, source=str(config), base=config.resolve().parent)
-    hook = make_eval_hook(cfg.eval)
+    hook = make_eval_hook(cfg.eval, base=config.resolve().parent)
     out = run_training(cfg, output_dir=output, eval_hook=hook)
     from gradsift.report import build_report, load_run, summary_markdown
 

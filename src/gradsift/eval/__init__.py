@@ -18,6 +18,12 @@ __all__ = [
     "score_task", "squad_v2_scores", "forgetting", "interference", "mean_over_stages", "results_to_matrix",
 ]
 
-from gradsift.eval.runner import EvalConfig, evaluate, make_eval_hook, rejudge  # noqa: E402
-
 __all__ += ["EvalConfig", "evaluate", "make_eval_hook", "rejudge"]
+
+
+def __getattr__(name):  # the runner imports torch and the generation stack: load it on first use
+    if name in ("EvalConfig", "evaluate", "make_eval_hook", "rejudge"):
+        from gradsift.eval import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

@@ -28,6 +28,7 @@ marker; rows of unfinished stages are removed from ``results.jsonl`` first.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -449,6 +450,7 @@ def run_training(
     out = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.yaml").write_text(dump_config(cfg))
+    _write_environment(out)
     tokenizer = build_tokenizer(cfg.model)
     for method in cfg.methods:
         run_cfg = cfg.for_method(method)
@@ -457,7 +459,25 @@ def run_training(
     return out
 
 
-def make_eval_hook(eval_config: dict[str, Any]) -> EvalHook | None:
+def _write_environment(out: Path) -> None:
+    """The machine the run ran on (the report names it)."""
+    import json
+    import platform
+
+    env = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    (out / "environment.json").write_text(json.dumps(env, indent=2))
+
+
+def make_eval_hook(eval_config: dict[str, Any], base: Path | None = None) -> EvalHook | None:
     """The evaluation hook named by the config's ``eval`` section (None when empty or unavailable)."""
     if not eval_config:
         return None
@@ -466,7 +486,7 @@ def make_eval_hook(eval_config: dict[str, Any]) -> EvalHook | None:
     except ImportError:
         return None
     factory = getattr(gs_eval, "make_eval_hook", None)
-    return factory(eval_config) if callable(factory) else None
+    return factory(eval_config, base=base) if callable(factory) else None
 
 
 def train_command(config: Path, output: Path | None = None, overrides: list[str] | None = None) -> Path:
@@ -475,7 +495,7 @@ def train_command(config: Path, output: Path | None = None, overrides: list[str]
 
     console = Console(stderr=True)
     cfg = load_config(config, parse_overrides(overrides))
-    hook = make_eval_hook(cfg.eval)
+    hook = make_eval_hook(cfg.eval, base=Path(config).resolve().parent)
     if cfg.eval and hook is None:
         console.print("[yellow]eval section given but no evaluation hook is available; training only[/yellow]")
     out = run_training(cfg, output_dir=output, eval_hook=hook)
