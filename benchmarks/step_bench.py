@@ -58,7 +58,7 @@ def features(vocab: int, n: int, T: int, seed: int = 0):
     return out
 
 
-def make_trainer(model, method: str, feats, batch_size: int, out_dir: str, pad_id: int = 0):
+def make_trainer(model, method: str, feats, batch_size: int, out_dir: str, pad_id: int = 0, params: str = "all"):
     from transformers import TrainingArguments
 
     from gradsift.data.formatting import collate
@@ -69,7 +69,8 @@ def make_trainer(model, method: str, feats, batch_size: int, out_dir: str, pad_i
                              remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
                              logging_steps=1000, dataloader_num_workers=0)
     return GradsiftTrainer(model=model, args=args, train_dataset=feats,
-                           data_collator=partial(collate, pad_token_id=pad_id), method=method, rho=0.2)
+                           data_collator=partial(collate, pad_token_id=pad_id), method=method, rho=0.2,
+                           params=params)
 
 
 def naive_step(model, batch, optimizer):
@@ -105,7 +106,9 @@ def main() -> None:
     feats = features(vocab, args.batch_size * args.stage_batches, args.seq_len)
     batch = collate(feats[: args.batch_size], 0)
     tmp = tempfile.mkdtemp()
-    trainers = {m: make_trainer(model, m, feats, args.batch_size, tmp) for m in ("standard", "moderate")}
+    trainers = {"standard": make_trainer(model, "standard", feats, args.batch_size, tmp),
+                "moderate": make_trainer(model, "moderate", feats, args.batch_size, tmp),
+                "moderate_trainable": make_trainer(model, "moderate", feats, args.batch_size, tmp, params="trainable")}
     for t in trainers.values():
         t.create_optimizer_and_scheduler(num_training_steps=100)
     naive_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -119,8 +122,8 @@ def main() -> None:
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
 
-    methods = ["plain", "moderate"] + ([] if args.skip_naive else ["naive"])
-    name = {"plain": "standard", "moderate": "moderate", "naive": "naive"}
+    methods = ["plain", "moderate", "moderate_trainable"] + ([] if args.skip_naive else ["naive"])
+    name = {"plain": "standard", "moderate": "moderate", "moderate_trainable": "moderate_trainable", "naive": "naive"}
     for m in methods:  # warm-up
         step(name[m])
     times = {m: [] for m in methods}
@@ -146,7 +149,8 @@ def main() -> None:
     print(f"\n== {args.model} + LoRA r={args.lora_r}, B={args.batch_size}, T={args.seq_len}, "
           f"{torch.get_num_threads()} threads")
     for m, v in med.items():
-        print(f"  {m:<9} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step")
+        label = {"moderate": "moderate (G over all params)", "moderate_trainable": "moderate (G over LoRA params)"}
+        print(f"  {label.get(m, m):<30} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step")
     print(f"  stage of {args.stage_batches} batches: standard {stage['standard']:.1f} s, "
           f"moderate {stage['moderate']:.1f} s -> ratio {res['stage_ratio']:.2f}")
     if args.json:

@@ -60,11 +60,18 @@ def test_unknown_task_lists_choices():
         validate_config({"tasks": [{"name": "nope"}]})
 
 
-def test_relative_paths_resolve_against_the_config_folder(shared_data):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    assert Path(cfg.tasks[0].path) == (shared_data / "gsm8k" / "train.jsonl").resolve()
-    assert Path(cfg.tasks[1].path) == (shared_data / "alpaca" / "alpaca_small.json").resolve()
-    assert cfg.model.config["model_type"] == "llama"
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, shared_data):
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(shared_data / "gsm8k" / "test.jsonl", tmp_path / "data" / "gsm.jsonl")
+    path = _write(tmp_path, {"tasks": [{"name": "gsm8k", "path": "data/gsm.jsonl"}, {"name": "data/gsm.jsonl"}]})
+    cfg = load_config(path)
+    assert Path(cfg.tasks[0].path) == (tmp_path / "data" / "gsm.jsonl").resolve()
+    assert Path(cfg.tasks[1].path) == (tmp_path / "data" / "gsm.jsonl").resolve()
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny.model.config["model_type"] == "llama"
+    assert [t.name for t in tiny.tasks] == ["arith", "mcq"]
 
 
 def test_absolute_paths_are_kept(tmp_path, shared_data):
