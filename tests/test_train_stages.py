@@ -172,3 +172,25 @@ def test_tiny_yaml_end_to_end(tmp_path, shared_data):
     assert (out / "moderate-seed0" / "stage_2" / "DONE").exists()
     losses = {r["stage"]: r["value"] for r in rows if r["metric"] == "train/loss"}
     assert set(losses) == {1, 2}
+
+
+def test_stage0_evaluated_once_and_shared(tmp_path, shared_data):
+    """Every run starts from the same aligned model: stage 0 is measured once and its rows shared."""
+    cfg = validate_config(tiny_config(shared_data, method=[{"name": "standard"}, {"name": "moderate", "rho": 0.5}],
+                                      optim={"lr": 1e-2, "batch_size": 4, "max_steps": 1}))
+    calls = []
+
+    def hook(model, tok, stage, tasks, info):
+        calls.append((info["run"], stage))
+        gens = Path(info["run_dir"]) / f"stage_{stage}" / "generations"
+        gens.mkdir(parents=True, exist_ok=True)
+        (gens / "probe.jsonl").write_text(json.dumps({"stage": stage}) + "\n")
+        return [{"task": "probe", "metric": "value", "value": float(len(calls))}]
+
+    out = run_training(cfg, tmp_path / "runs", eval_hook=hook)
+    assert [c for c in calls if c[1] == 0] == [("standard-seed0", 0)]
+    rows = read_results(out)
+    stage0 = {r["run"]: r["value"] for r in rows if r["stage"] == 0}
+    assert stage0 == {"standard-seed0": 1.0, "moderate-seed0": 1.0}
+    assert (out / "moderate-seed0" / "stage_0" / "generations" / "probe.jsonl").exists()
+    assert sorted(c for c in calls if c[0] == "moderate-seed0") == [("moderate-seed0", 1), ("moderate-seed0", 2)]

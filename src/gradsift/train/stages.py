@@ -208,6 +208,28 @@ def save_stage_weights(cfg: RunConfig, method: MethodSettings, model: nn.Module,
 # --------------------------------------------------------------------------- results
 
 
+def _stage0_from_sibling(out: Path, run: str, run_dir: Path) -> list[dict[str, Any]] | None:
+    """Stage-0 rows (and generations) of another run of this output directory, if one has them.
+
+    Stage 0 is the aligned model before any training, identical for every method
+    and seed of a config, so its evaluation is shared instead of repeated.
+    """
+    results = out / "results.jsonl"
+    if not results.exists():
+        return None
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    done_runs = [r["run"] for r in rows if r.get("stage") == 0 and r.get("run") != run
+                 and (out / r["run"] / "stage_0" / "DONE").exists()]
+    if not done_runs:
+        return None
+    src = done_runs[0]
+    gens = out / src / "stage_0" / "generations"
+    if gens.exists():
+        shutil.copytree(gens, run_dir / "stage_0" / "generations", dirs_exist_ok=True)
+    return [{k: v for k, v in r.items() if k in ("task", "metric", "value")}
+            for r in rows if r.get("run") == src and r.get("stage") == 0]
+
+
 def append_results(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "a") as fh:
         for row in rows:
@@ -357,7 +379,11 @@ def _run_one(
     set_seed(seed)
     model = load_stage_state(cfg, method, run_dir, tokenizer, max(done, 0))
     if done < 0:
-        evaluate(model, 0)
+        reused = _stage0_from_sibling(out, run, run_dir) if eval_hook is not None else None
+        if reused is not None:  # every run starts from the same aligned model: measure it once
+            record(0, reused)
+        else:
+            evaluate(model, 0)
         (run_dir / "stage_0").mkdir(exist_ok=True)
         (run_dir / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
         done = 0
