@@ -9,9 +9,9 @@ from rich.console import Console
 
 # --quick: fewer samples, fewer prompts, the two methods that show the contrast
 QUICK_OVERRIDES = {
-    "tasks.*.n_train": 64,
+    "tasks.*.n_train": 48,
     "tasks.*.n_eval": 12,
-    "eval.generation.max_new_tokens": 32,
+    "eval.generation.max_new_tokens": 48,
 }
 
 
@@ -35,9 +35,9 @@ def _apply_quick(data: dict) -> dict:
     ev = data.setdefault("eval", {})
     ev.setdefault("generation", {})["max_new_tokens"] = QUICK_OVERRIDES["eval.generation.max_new_tokens"]
     for s in ev.get("safety", []) or []:
-        s["n"] = min(s.get("n") or 24, 24)
+        s["n"] = min(s.get("n") or 16, 16)
     for s in ev.get("over_refusal", []) or []:
-        s["n"] = min(s.get("n") or 24, 24)
+        s["n"] = min(s.get("n") or 16, 16)
     return data
 
 
