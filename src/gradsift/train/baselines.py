@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradsift.norms.engine import response_losses
+
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -40,18 +42,10 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_i: mean token cross-entropy over sample i's response tokens, in fp32, shape (B,).
 
-    Logits at position t predict the label at t+1 (the usual causal shift).
+    Logits at position t predict the label at t+1 (the usual causal shift). The same
+    definition as the scoring engine's, so every method trains on the same loss.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    mask = shift_labels != IGNORE_INDEX
-    return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return response_losses(logits, labels)
 
 
 def response_lengths(labels: torch.Tensor) -> torch.Tensor:
