@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +107,36 @@ def _read_hf(source: str, limit: int | None) -> list[dict]:
     return ds.to_list()
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    rows: list[dict] = []
+def iter_jsonl(path: str | Path, error: type[ValueError] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file.
+
+    A line that is not a JSON object raises a one-line error naming the file and
+    line: :class:`RecordError`, or ``error(message)`` when an error class is given.
+    """
+    path = Path(path)
+
+    def fail(lineno: int, problem: str) -> ValueError:
+        return error(f"{path}: line {lineno}: {problem}") if error else RecordError(path, problem, line=lineno)
+
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from exc
+                raise fail(lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(obj, dict):
-                raise RecordError(path, f"expected a JSON object, got {type(obj).__name__}", line=lineno)
-            rows.append(obj)
+                raise fail(lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
+    rows: list[dict] = []
+    for _, obj in iter_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append(obj)
     return rows
 
 

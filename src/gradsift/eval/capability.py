@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsift.data.records import iter_jsonl
+
 __all__ = [
     "DEFAULT_LMEVAL_TASKS",
     "MC_BENCHMARKS",
@@ -273,19 +275,8 @@ def mc_metrics(
 
 def _read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(0-based row, record) for each non-blank line of a JSON Lines file."""
-    with open(path, encoding="utf-8") as handle:
-        row = 0
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-            yield row, record
-            row += 1
+    for row, (_, record) in enumerate(iter_jsonl(path, error=ValueError)):
+        yield row, record
 
 
 def _get(record: Mapping, dotted: str, path, row: int, kind: type | tuple[type, ...] | None = None) -> Any:

@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gradsift.data.records import iter_jsonl
+
 CONTEXT_SEPARATOR = "\n\n---\n\n"
 PROMPT_FIELDS = ("prompt", "goal", "Behavior", "question")
 
@@ -196,19 +198,7 @@ def _read_csv(path: Path, prompt_field: str | None) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SafetySetError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SafetySetError(f"{path}: line {line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path, error=SafetySetError)]
 
 
 def _read_file(path: Path, prompt_field: str | None) -> list[dict]:
