@@ -307,19 +307,14 @@ def load_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such generations file")
+    from gradsift.data.records import iter_jsonl
+
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            for key in ("prompt", "response"):
-                if key not in rec:
-                    raise ValueError(f"{path}: line {line_no}: missing field {key!r}")
-            for key in GENERATION_FIELDS:
-                rec.setdefault(key, None)
-            records.append(rec)
+    for line_no, rec in iter_jsonl(path, error=ValueError):
+        for key in ("prompt", "response"):
+            if key not in rec:
+                raise ValueError(f"{path}: line {line_no}: missing field {key!r}")
+        for key in GENERATION_FIELDS:
+            rec.setdefault(key, None)
+        records.append(rec)
     return records
