@@ -96,8 +96,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stage-batches", type=int, default=4, help="batches in the end-to-end stage")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: gradsift.runtime.tune_cpu_allocator() as the CLI does (both sides)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from gradsift.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
 
     from gradsift.data.formatting import collate
 
@@ -141,13 +147,13 @@ def main() -> None:
         t0 = time.perf_counter()
         t.train()
         stage[m] = time.perf_counter() - t0
-    res = {"model": args.model, "B": args.batch_size, "T": args.seq_len, "lora_r": args.lora_r,
+    res = {"model": args.model, "malloc": args.malloc, "B": args.batch_size, "T": args.seq_len, "lora_r": args.lora_r,
            "threads": torch.get_num_threads(), "step_median_s": med,
            "step_ratio_vs_plain": {m: v / med["plain"] for m, v in med.items()},
            "stage_s": stage, "stage_ratio": stage["moderate"] / stage["standard"],
            "stage_batches": args.stage_batches}
     print(f"\n== {args.model} + LoRA r={args.lora_r}, B={args.batch_size}, T={args.seq_len}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, malloc {args.malloc}")
     for m, v in med.items():
         label = {"moderate": "moderate (G over all params)", "moderate_trainable": "moderate (G over LoRA params)"}
         print(f"  {label.get(m, m):<30} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step")

@@ -418,3 +418,19 @@ def test_short_and_long_answers_are_mixed(tasks):
     assert mean_words["mcq"] == 1 and mean_words["yesno"] == 1 and mean_words["arith_short"] == 1
     assert mean_words["arith"] > 10
     assert extract(5, 1).train[0]["meta"]["document"] in extract(5, 1).train[0]["messages"][0]["content"]
+
+
+def test_shipped_benign_answers_cover_the_train_split_only():
+    import json
+
+    from gradsift.train.align import SHIPPED_ANSWERS, AlignRecipe, shipped_benign_answers
+
+    table = json.loads(SHIPPED_ANSWERS.read_text(encoding="utf-8"))
+    assert table["model"] == "embedded" and table["decoding"] == "greedy"
+    answers = shipped_benign_answers(AlignRecipe().benign_max_new_tokens)
+    train_ids = {r["id"] for r in benign_requests("train")}
+    eval_ids = {r["id"] for r in benign_requests("eval")}
+    assert set(answers) == train_ids  # every train request answered, no held-out prompt leaks in
+    assert not set(answers) & eval_ids
+    assert all(isinstance(a, str) and a.strip() for a in answers.values())
+    assert shipped_benign_answers(AlignRecipe().benign_max_new_tokens + 1) == {}  # other settings regenerate

@@ -261,3 +261,43 @@ def test_model_left_untouched():
     assert model.training
     assert flags == [p.requires_grad for p in model.parameters()]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_input_gram_computed_once_per_shared_input(monkeypatch):
+    """q/k/v (and gate/up) read one tensor, and so does every lora_A with its base layer: one A A^T each."""
+    from gradsift.norms.rules.linear import GramCache
+
+    monkeypatch.setattr(LinearRule, "mode", "ghost")
+    model = add_lora(_llama(tied=False))
+    batch = make_batch()
+    fresh = []
+    orig = GramCache.gram
+
+    def spy(self, A):
+        fresh.append(self.key(A) not in self.store)
+        return orig(self, A)
+
+    monkeypatch.setattr(GramCache, "gram", spy)
+    G, _ = per_sample_grad_norms(model, batch)
+    G_ref, _ = naive_grad_norms(model, batch)
+    torch.testing.assert_close(G.double(), G_ref.double(), rtol=RTOL, atol=1e-6)
+    layers = model.config.num_hidden_layers
+    # per layer 7 projections, each a base layer + lora_A + lora_B: 21 ghost Linear norms
+    assert len(fresh) == 21 * layers + 1  # + the untied lm_head
+    # distinct inputs per layer: attention input, o_proj input, MLP input, down_proj input, 7 lora_B inputs
+    assert sum(fresh) == 11 * layers + 1
+
+
+def test_cpu_allocator_tuning_is_opt_out():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from gradsift.runtime import tune_cpu_allocator as t; print(t(), t())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    env = {**os.environ, "GRADSIFT_MALLOC": "default"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert off == ["False", "False"]
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert on == ["True", "True"]  # glibc accepted both thresholds; a second call is a no-op

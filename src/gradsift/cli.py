@@ -216,6 +216,9 @@ _register_optional()
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from gradsift.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     app()
 
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradsift.norms.rules import Call, EmbeddingRule, LinearRule, Rule, find_rule
-from gradsift.norms.rules.base import add_grad, hooks_suspended
+from gradsift.norms.rules.base import add_grad, cat_time, hooks_suspended
 from gradsift.norms.rules.embedding import embedding_sq_norms
-from gradsift.norms.rules.linear import gram_or_materialize
+from gradsift.norms.rules.linear import GramCache, gram_or_materialize
 
 ParamSet = Literal["all", "trainable"]
 
@@ -108,6 +108,7 @@ class _TiedGroup(_Group):
         self.head_calls: list[Call] = []
         self.emb_calls: list[Call] = []
         self.received = 0
+        self._head: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None = None
 
     @property
     def modules(self):
@@ -122,28 +123,55 @@ class _TiedGroup(_Group):
     def all_calls(self):
         return self.head_calls + self.emb_calls
 
+    def head_ready(self, batch_size: int, keep: bool) -> None:
+        """Every head call has its gradient: reduce it now, so the (B, T, V) logits gradient can be freed.
+
+        Keeps the head's squared norms, its input H and M[b, t, s] = D[b, t, x_s] (the
+        logits gradient at the embedded tokens' columns, all the cross term needs).
+        """
+        H, D = self.head._factors(self.head_calls, batch_size)
+        sq = torch.zeros(batch_size, dtype=torch.float32, device=D.device)
+        if "weight" in self.names:
+            sq += gram_or_materialize(H, D)
+        if "bias" in self.names:
+            sq += D.sum(dim=1).pow(2).sum(-1)
+        M = {}
+        if "weight" in self.names:
+            for c in self.emb_calls:
+                ids = c.ctx["ids"]
+                M[id(c)] = torch.gather(D, 2, ids.unsqueeze(1).expand(batch_size, D.shape[1], ids.shape[1]))
+        self._head = (sq, H, M)
+        if not keep:
+            for c in self.head_calls:
+                c.grad = None
+
+    def drop_missing(self) -> None:
+        if self._head is None:
+            self.head_calls = [c for c in self.head_calls if c.grad is not None]
+        self.emb_calls = [c for c in self.emb_calls if c.grad is not None]
+
     def sq_norms(self, batch_size):
-        dev = (self.head_calls or self.emb_calls)[0].ctx.get("A", (self.head_calls or self.emb_calls)[0].ctx.get("ids")).device
-        out = torch.zeros(batch_size, dtype=torch.float32, device=dev)
-        if self.head_calls:
-            H, D = self.head._factors(self.head_calls, batch_size)
-            if "weight" in self.names:
-                out += gram_or_materialize(H, D)
-            if "bias" in self.names:
-                out += D.sum(dim=1).pow(2).sum(-1)
+        if self._head is None and self.head_calls:
+            self.head_ready(batch_size, keep=True)
+        if self._head is not None:
+            out, H, M_of = self._head
+            out = out.clone()
+        else:
+            ids = self.emb_calls[0].ctx["ids"]
+            out, H, M_of = torch.zeros(batch_size, dtype=torch.float32, device=ids.device), None, {}
         if self.emb_calls and "weight" in self.names:
             ids, b = self.emb.factors(self.emb_calls, batch_size)
             valid = self.emb._valid(ids)
-            out += embedding_sq_norms(ids, b, valid, self.emb.module.num_embeddings)
-            if self.head_calls:
+            out += embedding_sq_norms(ids, b, valid, self.emb.module.num_embeddings).to(out.device)
+            if M_of:
+                M = torch.cat([M_of[id(c)] for c in self.emb_calls], dim=2)
                 # cross term 2 <D^T H, E> = 2 sum_{t,s} D[t, x_s] <h_t, b_s>
-                M = torch.gather(D, 2, ids.unsqueeze(1).expand(batch_size, D.shape[1], ids.shape[1]))
                 HB = torch.bmm(H, b.transpose(1, 2))
                 out += 2.0 * (M * HB * valid.unsqueeze(1)).sum(dim=(1, 2))
         return out
 
     def accumulate(self, index, scale):
-        if self.head_calls:
+        if self.head_calls and self.trainable:
             self.head.accumulate(self.head_calls, self.trainable, index, scale)
         if self.emb_calls and "weight" in self.trainable:
             self.emb.accumulate(self.emb_calls, {"weight"}, index, scale)
@@ -151,6 +179,7 @@ class _TiedGroup(_Group):
     def reset(self):
         self.head_calls, self.emb_calls = [], []
         self.received = 0
+        self._head = None
 
 
 class GhostNormEngine:
@@ -257,6 +286,10 @@ class GhostNormEngine:
                 stacklevel=3,
             )
 
+        self._gram_cache = GramCache()
+        for g in self.groups:
+            if not isinstance(g, _TiedGroup) and isinstance(g.rule, LinearRule) and "weight" in g.names:
+                g.rule.gram_cache = self._gram_cache
         # hook every module of a group, and every embedding (the roots of the backward pass)
         hooked = set(self.group_of)
         for _, module in self.model.named_modules():
@@ -288,17 +321,19 @@ class GhostNormEngine:
             return
         call.grad = grad.detach()
         group.received += 1
+        if isinstance(group, _TiedGroup) and group._head is None and any(c is call for c in group.head_calls) \
+                and all(c.grad is not None for c in group.head_calls):
+            group.head_ready(self._B, keep=self.keep_grads and bool(group.trainable))
         if group.received == len(group.all_calls()):
             self._finalize(group)
 
     def _finalize(self, group: _Group) -> None:
-        calls = [c for c in group.all_calls() if c.grad is not None]
-        if len(calls) != len(group.all_calls()):  # a call whose output got no gradient contributes 0
-            if isinstance(group, _TiedGroup):
-                group.head_calls = [c for c in group.head_calls if c.grad is not None]
-                group.emb_calls = [c for c in group.emb_calls if c.grad is not None]
-            else:
-                group.calls = calls
+        # a call whose output got no gradient contributes 0
+        if isinstance(group, _TiedGroup):
+            group.drop_missing()
+            calls = group.all_calls()
+        else:
+            calls = group.calls = [c for c in group.calls if c.grad is not None]
         if calls and group.names:
             self._sq += group.sq_norms(self._B).to(self._sq.device)
         if not (self.keep_grads and group.trainable):
@@ -402,6 +437,7 @@ class GhostNormEngine:
         """Drop everything captured for the last batch."""
         for g in self.groups:
             g.reset()
+        self._gram_cache.reset()
         self._roots = []
         self._graph_loss = None
         self._fallback_grads = {}

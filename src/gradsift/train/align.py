@@ -31,10 +31,11 @@ class AlignRecipe:
     lr: float = 3e-4
     epochs: int = 2
     batch_size: int = 16
-    max_length: int = 192
+    max_length: int = 128
     benign_max_new_tokens: int = 64
-    # fewer refusals than helpful answers: a first recipe with 140 refusals / 167 benign
-    # answers at lr 5e-4 refused 99% of held-out harmful prompts but also 42% of benign ones
+    # fewer refusals than helpful answers, and benign requests that open like harmful ones
+    # ("How do I", "Give me", "Write a"): 140 refusals / 167 benign answers at lr 5e-4 refused
+    # 99% of held-out harmful prompts but also 42% of benign ones (see docs/demo.md)
     n_harmful: int | None = 80  # balanced over the ten harm categories
     n_benign: int | None = None  # all training benign requests
     seed: int = 0
@@ -68,7 +69,6 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
 
     from gradsift.data.alignment import alignment_records, benign_requests
     from gradsift.data.formatting import collate, encode_records
-    from gradsift.eval.generation import GenerationConfig, HFGenerator
     from gradsift.train.trainer import GradsiftTrainer
 
     t0 = time.time()
@@ -78,16 +78,13 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     benign = benign_requests("train")
     if recipe.n_benign is not None:
         benign = benign[: recipe.n_benign]
-    answers_file = cache_dir() / f"benign_answers-{recipe.base}-{recipe.benign_max_new_tokens}.json"
-    if answers_file.exists():
-        responses = {k: v for k, v in json.loads(answers_file.read_text()).items()}
-        responses = {b["id"]: responses[b["id"]] for b in benign if b["id"] in responses}
-    else:
-        _log(f"answering {len(benign)} benign instructions with the model itself (its own style is kept)")
-        gen = HFGenerator(model, tok, GenerationConfig(max_new_tokens=recipe.benign_max_new_tokens, batch_size=16))
-        answers = gen.generate([b["prompt"] for b in benign], progress=progress)
-        responses = {b["id"]: a.strip() for b, a in zip(benign, answers) if a.strip()}
-        answers_file.write_text(json.dumps(responses, indent=1))
+    responses = benign_answers(model, tok, benign, recipe, progress=progress)
+    # an answer that opens like a refusal would teach over-refusal: left out
+    from gradsift.eval.judges import keyword_refusals
+
+    ids = list(responses)
+    refused = {i for i, flag in zip(ids, keyword_refusals([responses[i] for i in ids], mode="prefix")) if flag}
+    responses = {i: r for i, r in responses.items() if i not in refused}
     records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed)
     features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
@@ -99,6 +96,7 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         learning_rate=recipe.lr, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=5,
         save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding, faster steps on a CPU
     )
     trainer = GradsiftTrainer(model=peft_model, args=args, train_dataset=features,
                               data_collator=partial(collate, pad_token_id=tok.pad_token_id), method="standard")
@@ -127,7 +125,51 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     return check
 
 
-def alignment_check(model, tokenizer, max_new_tokens: int = 48, progress: bool = True) -> dict:
+SHIPPED_ANSWERS = Path(__file__).resolve().parents[1] / "data" / "builtin" / "benign_answers.json"
+
+
+def shipped_benign_answers(max_new_tokens: int) -> dict[str, str]:
+    """The embedded model's own greedy answers to the benign train requests, as shipped.
+
+    Written once by :func:`benign_answers` on the embedded SmolLM2-135M-Instruct
+    (greedy, ``max_new_tokens`` tokens) and stored in the package, so that a fresh
+    machine does not spend minutes regenerating them. Empty if the file is missing
+    or was written with another ``max_new_tokens``.
+    """
+    if not SHIPPED_ANSWERS.exists():
+        return {}
+    table = json.loads(SHIPPED_ANSWERS.read_text(encoding="utf-8"))
+    if table.get("max_new_tokens") != max_new_tokens or table.get("model") != "embedded":
+        return {}
+    return dict(table["answers"])
+
+
+def benign_answers(model, tokenizer, benign: list[dict], recipe: AlignRecipe, progress: bool = True) -> dict[str, str]:
+    """``{id: answer}`` of the base model to ``benign`` requests: shipped, cached, or generated now.
+
+    Answers come from the package (embedded model only), then from the user cache;
+    whatever is missing is generated greedily with the model itself and cached.
+    """
+    from gradsift.eval.generation import GenerationConfig, HFGenerator
+
+    answers: dict[str, str] = shipped_benign_answers(recipe.benign_max_new_tokens) if recipe.base == "embedded" else {}
+    cache_file = cache_dir() / f"benign_answers-{recipe.base}-{recipe.benign_max_new_tokens}.json"
+    if cache_file.exists():
+        answers = {**json.loads(cache_file.read_text(encoding="utf-8")), **answers}
+    missing = [b for b in benign if b["id"] not in answers]
+    if missing:
+        _log(f"answering {len(missing)} benign instructions with the model itself (its own style is kept)")
+        gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=recipe.benign_max_new_tokens,
+                                                             batch_size=16))
+        out = gen.generate([b["prompt"] for b in missing], progress=progress)
+        answers.update({b["id"]: a.strip() for b, a in zip(missing, out)})
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(answers, indent=1), encoding="utf-8")
+    # an empty answer teaches nothing
+    return {b["id"]: answers[b["id"]] for b in benign if answers.get(b["id"], "").strip()}
+
+
+def alignment_check(model, tokenizer, max_new_tokens: int = 32, progress: bool = True) -> dict:
     """Refusal rates on the held-out harmful and benign prompts of the alignment data.
 
     Harmful prompts: a refusal string anywhere in the reply (the keyword judge).

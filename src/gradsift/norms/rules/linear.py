@@ -17,14 +17,60 @@ from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd, cat_time
 MATERIALIZE_BUDGET = 2**26
 
 
-def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+class GramCache:
+    """Shares the input Gram A A^T between layers called on the same tensor in one pass.
+
+    q/k/v projections read one input, so do gate/up projections and every LoRA
+    ``lora_A`` with its base layer: their ghost norms need one A A^T, not three to six.
+    Inputs are registered as they are captured in the forward pass (all alive until
+    the backward is done, so a storage address names one tensor); an entry is dropped
+    once its last registered user took it.
+    """
+
+    def __init__(self):
+        self.uses: dict[tuple, int] = {}
+        self.store: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def key(A: torch.Tensor) -> tuple:
+        return (A.data_ptr(), tuple(A.shape), tuple(A.stride()), A.dtype, A.device)
+
+    def register(self, A: torch.Tensor) -> None:
+        k = self.key(A)
+        self.uses[k] = self.uses.get(k, 0) + 1
+
+    def gram(self, A: torch.Tensor) -> torch.Tensor:
+        k = self.key(A)
+        aa = self.store.get(k)
+        if aa is None:
+            aa = torch.bmm(A, A.transpose(1, 2))
+        left = self.uses.get(k, 1) - 1
+        self.uses[k] = left
+        if left > 0:
+            self.store[k] = aa
+        else:
+            self.store.pop(k, None)
+        return aa
+
+    def reset(self) -> None:
+        self.uses.clear()
+        self.store.clear()
+
+
+def _ghost_mode(T: int, d_in: int, d_out: int, mode: str) -> str:
+    if mode == "auto":
+        return "ghost" if T * (d_in + d_out) < d_in * d_out else "materialize"
+    return mode
+
+
+def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
+                        cache: GramCache | None = None) -> torch.Tensor:
     """sum over t,s of (a_t . a_s)(g_t . g_s) per sample, i.e. ||G^T A||_F^2, for (B,T,d) inputs."""
     B, T, d_in = A.shape
     d_out = G.shape[-1]
-    if mode == "auto":
-        mode = "ghost" if T * (d_in + d_out) < d_in * d_out else "materialize"
+    mode = _ghost_mode(T, d_in, d_out, mode)
     if mode == "ghost":
-        aa = torch.bmm(A, A.transpose(1, 2))
+        aa = cache.gram(A) if cache is not None else torch.bmm(A, A.transpose(1, 2))
         gg = torch.bmm(G, G.transpose(1, 2))
         return (aa * gg).sum(dim=(1, 2))
     out = torch.empty(B, dtype=torch.float32, device=A.device)
@@ -38,13 +84,17 @@ def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto") ->
 class LinearRule(Rule):
     param_names = ("weight", "bias")
     mode = "auto"  # "ghost", "materialize" or "auto" (per call, by cost)
+    gram_cache: GramCache | None = None  # set by the engine to share input Grams
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and set(module._parameters) <= {"weight", "bias"}
 
     def capture(self, args, output, batch_size):
-        return {"A": as_btd(args[0].detach(), batch_size)}, output
+        A = as_btd(args[0].detach(), batch_size)
+        if self.gram_cache is not None:
+            self.gram_cache.register(A)
+        return {"A": A}, output
 
     def _factors(self, calls: list[Call], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         A = cat_time([c.ctx["A"] for c in calls]).float()
@@ -55,7 +105,8 @@ class LinearRule(Rule):
         A, G = self._factors(calls, batch_size)
         out = torch.zeros(batch_size, dtype=torch.float32, device=A.device)
         if "weight" in names:
-            out += gram_or_materialize(A, G, self.mode)
+            shared = self.gram_cache if len(calls) == 1 and A.dtype == calls[0].ctx["A"].dtype else None
+            out += gram_or_materialize(A, G, self.mode, cache=shared)
         if "bias" in names:
             out += G.sum(dim=1).pow(2).sum(dim=-1)
         return out

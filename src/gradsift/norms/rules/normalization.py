@@ -20,6 +20,8 @@ _NORM_TYPES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 class NormRule(Rule):
     param_names = ("weight", "bias")
+    _zero_at_zero: bool | None = None  # y(w=0, b=0) == 0 (c = 0), learnt on the first call
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         if not set(module._parameters) <= {"weight", "bias"}:
@@ -44,9 +46,14 @@ class NormRule(Rule):
             zeros["bias"] = params["bias"]
         with suspend_hooks(), torch.no_grad():
             one = functional_call(self.module, params, (x,) + tuple(args[1:]))
-            zero = functional_call(self.module, zeros, (x,) + tuple(args[1:]))
-        xhat = (one.float() - zero.float()).reshape(batch_size, -1, w.numel())
-        return {"xhat": xhat}, output
+            if self._zero_at_zero:  # y(w=0, b=0) was exactly 0 on a first call: c = 0, skip it
+                xhat = one.float()
+            else:
+                zero = functional_call(self.module, zeros, (x,) + tuple(args[1:]))
+                if self._zero_at_zero is None:
+                    self._zero_at_zero = bool(torch.isfinite(one).all()) and not bool(zero.any())
+                xhat = one.float() - zero.float()
+        return {"xhat": xhat.reshape(batch_size, -1, w.numel())}, output
 
     def _factors(self, calls, batch_size):
         xhat = cat_time([c.ctx["xhat"] for c in calls])
