@@ -301,3 +301,22 @@ def test_cpu_allocator_tuning_is_opt_out():
     assert off == ["False", "False"]
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert on == ["True", "True"]  # glibc accepted both thresholds; a second call is a no-op
+
+
+def test_trimmed_logits_give_the_same_losses_and_gradients():
+    """Logits only at positions that predict a response token: same L_i and same gradients as full logits."""
+    from gradsift.norms import causal_lm_losses, response_losses
+
+    model = add_lora(_llama(tied=True))
+    model.eval()
+    batch = make_batch()
+    batch["labels"][:, :5] = -100  # a prompt of 5 tokens at least: positions 0..3 predict no response token
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    L_full = response_losses(full, batch["labels"])
+    grads_full = torch.autograd.grad(L_full.sum(), [p for p in model.parameters() if p.requires_grad])
+    L_trim, out = causal_lm_losses(model, batch)
+    assert out.logits.shape[1] < full.shape[1]  # the prompt's logits were not computed
+    grads_trim = torch.autograd.grad(L_trim.sum(), [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(L_trim, L_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_trim, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

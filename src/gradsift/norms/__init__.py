@@ -6,7 +6,7 @@
 * :func:`score_dataset` - a whole dataset to a Parquet table (resumable).
 """
 
-from gradsift.norms.engine import GhostNormEngine, per_sample_grad_norms, response_losses
+from gradsift.norms.engine import GhostNormEngine, causal_lm_losses, per_sample_grad_norms, response_losses
 from gradsift.norms.reference import naive_grad_norms
 from gradsift.norms.rules import RULES, Rule, register_rule
 
@@ -14,6 +14,7 @@ __all__ = [
     "GhostNormEngine",
     "per_sample_grad_norms",
     "response_losses",
+    "causal_lm_losses",
     "naive_grad_norms",
     "RULES",
     "Rule",

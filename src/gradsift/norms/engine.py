@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradsift.norms.rules import Call, EmbeddingRule, LinearRule, Rule, find_rule
-from gradsift.norms.rules.base import add_grad, cat_time, hooks_suspended
+from gradsift.norms.rules.base import add_grad, hooks_suspended
 from gradsift.norms.rules.embedding import embedding_sq_norms
 from gradsift.norms.rules.linear import GramCache, gram_or_materialize
 
@@ -45,15 +45,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def response_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def response_losses(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean token cross-entropy over response tokens (labels != -100), shifted by one.
 
     The logits are used whole, as a contiguous (B*T, V) view with the labels shifted
-    left instead (no copy of the logits, and the fast cross-entropy kernel).
+    left instead (no copy of the logits, and the fast cross-entropy kernel). With
+    ``positions`` (from :func:`loss_positions`), ``logits`` holds only those
+    positions, (B, K, V), as a forward with ``logits_to_keep=positions`` returns them.
     """
     B, T, V = logits.shape
-    target = torch.full_like(labels, -100)
-    target[:, :-1] = labels[:, 1:]
+    if positions is None:
+        target = torch.full_like(labels, -100)
+        target[:, :-1] = labels[:, 1:]
+    else:
+        target = labels[:, positions.to(labels.device) + 1]
     ce = F.cross_entropy(logits.float().reshape(B * T, V), target.reshape(B * T), ignore_index=-100,
                          reduction="none").view(B, T)
     n = (target != -100).sum(dim=1)
@@ -61,6 +66,53 @@ def response_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         bad = (n == 0).nonzero().flatten().tolist()
         raise ValueError(f"samples {bad} of the batch have no response token to score (all labels are -100)")
     return ce.sum(dim=1) / n
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions t whose logits predict a response token (labels[:, t+1] != -100) in some sample."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+
+
+_TRIM_SUPPORT: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    base = model
+    while hasattr(base, "get_base_model") and base.get_base_model() is not base:  # PEFT wrappers pass kwargs on
+        base = base.get_base_model()
+    cls = type(base)
+    if cls not in _TRIM_SUPPORT:
+        try:
+            _TRIM_SUPPORT[cls] = "logits_to_keep" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            _TRIM_SUPPORT[cls] = False
+    return _TRIM_SUPPORT[cls]
+
+
+def causal_lm_losses(model: nn.Module, batch: dict[str, torch.Tensor], trim: bool = True,
+                     **kwargs) -> tuple[torch.Tensor, object]:
+    """Per-sample losses L (B,) of ``model`` on a right-padded batch, and the model's output.
+
+    With ``trim`` (and a model whose forward takes ``logits_to_keep``), the output
+    projection and the softmax run only at the positions that predict a response
+    token in some sample of the batch: the prompt's logits, which the loss never
+    reads, are not computed (on short-answer tasks most of them). The losses and
+    every gradient are the same as with full logits.
+    """
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
+    positions = None
+    if trim and _accepts_logits_to_keep(model):
+        positions = loss_positions(labels).to(batch["input_ids"].device)
+        if positions.numel() >= labels.shape[1] - 1:
+            positions = None  # nothing to trim
+    if positions is not None:
+        kwargs["logits_to_keep"] = positions
+    out = model(**inputs, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return response_losses(logits, labels.to(logits.device), positions), out
 
 
 class _Group:
@@ -192,6 +244,8 @@ class GhostNormEngine:
         keep_grads: keep what the backward captured so that ``accumulate_grad`` can
             build the summed gradient of any subset of the batch.
         strict: raise instead of falling back when a parameter has no rule.
+        trim_logits: compute the logits only at positions that predict a response
+            token (exact: the other positions' logits get no gradient).
 
     Usage::
 
@@ -201,12 +255,14 @@ class GhostNormEngine:
         engine.close()
     """
 
-    def __init__(self, model: nn.Module, params: ParamSet = "all", keep_grads: bool = False, strict: bool = False):
+    def __init__(self, model: nn.Module, params: ParamSet = "all", keep_grads: bool = False, strict: bool = False,
+                 trim_logits: bool = True):
         if params not in ("all", "trainable"):
             raise ValueError(f"params must be 'all' or 'trainable', got {params!r}")
         self.model = _unwrap(model)
         self.params = params
         self.keep_grads = keep_grads
+        self.trim_logits = trim_logits  # logits only where the loss reads them (see causal_lm_losses)
         self._B = 0
         self._active = False
         self._ignore_grads = False
@@ -356,9 +412,8 @@ class GhostNormEngine:
         self._active = True
         try:
             with torch.enable_grad():
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                logits = out.logits if hasattr(out, "logits") else out[0]
-                L = response_losses(logits, labels.to(logits.device))
+                L, _ = causal_lm_losses(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                     "labels": labels}, trim=self.trim_logits, use_cache=False)
         finally:
             self._active = False
             for p, flag in saved:

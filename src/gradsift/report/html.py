@@ -236,7 +236,7 @@ def _category_html(store: RunStore, judge: str | None) -> str:
     for cat in table.index:
         cells = [f'<td class="name">{escape(str(cat))}</td>'] + [_num_td(table.at[cat, m]) for m in table.columns]
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    return (f"<h2>ASR per category</h2>"
+    return ("<h2>ASR per category</h2>"
             + _table("category-table", ["category", *map(str, table.columns)], rows,
                      f"ASR (%) per harm category judged by {j}, mean over checkpoints and seeds."))
 

@@ -28,15 +28,17 @@ class AlignRecipe:
     base: str = "embedded"
     lora_r: int = 16
     lora_alpha: int = 32
-    lr: float = 3e-4
-    epochs: int = 2
+    lr: float = 5e-4
+    epochs: int = 1
     batch_size: int = 16
     max_length: int = 128
     benign_max_new_tokens: int = 64
-    # fewer refusals than helpful answers, and benign requests that open like harmful ones
-    # ("How do I", "Give me", "Write a"): 140 refusals / 167 benign answers at lr 5e-4 refused
-    # 99% of held-out harmful prompts but also 42% of benign ones (see docs/demo.md)
-    n_harmful: int | None = 80  # balanced over the ten harm categories
+    # every train harmful request once, and benign requests that open like harmful ones
+    # ("How do I", "Give me", "Write a") with the model's own answers: earlier recipes with
+    # 167 plain benign answers refused 93-99% of held-out harmful prompts but also 42% of
+    # benign ones (see docs/demo.md)
+    n_harmful: int | None = None  # all train requests, ten harm categories
+    harmful_repeats: int = 2  # each harmful request seen this many times per epoch, worded differently
     n_benign: int | None = None  # all training benign requests
     seed: int = 0
 
@@ -86,6 +88,10 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     refused = {i for i, flag in zip(ids, keyword_refusals([responses[i] for i in ids], mode="prefix")) if flag}
     responses = {i: r for i, r in responses.items() if i not in refused}
     records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed)
+    for extra in range(1, recipe.harmful_repeats):  # the same requests again, other refusal wordings
+        records += alignment_records(None, n_harmful=recipe.n_harmful, seed=recipe.seed + 1000 * extra)
+    for index, record in enumerate(records):
+        record["row"] = index
     features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
     peft_model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,

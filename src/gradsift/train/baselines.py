@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsift.norms.engine import response_losses
+from gradsift.norms.engine import causal_lm_losses, response_losses
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -131,7 +131,7 @@ def estimate_fisher(
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_fn([feat]).items()}
             for p in params.values():
                 p.grad = None
-            loss = per_sample_loss(model(**model_inputs(batch)).logits, batch["labels"]).sum()
+            loss = causal_lm_losses(model, batch)[0].sum()
             loss.backward()
             for n, p in params.items():
                 if p.grad is not None:

@@ -33,12 +33,11 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from gradsift.norms.engine import causal_lm_losses
 from gradsift.train.baselines import (
     EWCState,
     KLReference,
-    model_inputs,
     olora_penalty,
-    per_sample_loss,
     response_lengths,
     token_kl,
 )
@@ -281,7 +280,7 @@ class SelectionStepMixin:
         model.eval()  # the same dropout-free pass the scores came from
         try:
             with self.compute_loss_context_manager():
-                L = per_sample_loss(model(**model_inputs(sub)).logits, sub["labels"])
+                L, _ = causal_lm_losses(model, sub)
             loss = L.sum() * (0.0 if empty else scale)
             kwargs = {}
             from accelerate.utils import DistributedType
@@ -388,8 +387,8 @@ class GradsiftTrainer(SelectionStepMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """Mean over samples of L_i, plus the method's penalty while training."""
         labels = inputs["labels"]
-        outputs = model(**model_inputs(inputs))
-        L = per_sample_loss(outputs.logits, labels)
+        # logits only where the loss reads them; the KL penalty compares whole distributions
+        L, outputs = causal_lm_losses(model, inputs, trim=self.method.name != "kl")
         if not bool(torch.isfinite(L).all()):
             rows = inputs.get("row")
             self._raise_non_finite("loss", L.detach(), rows if torch.is_tensor(rows) else None)
