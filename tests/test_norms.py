@@ -320,3 +320,13 @@ def test_trimmed_logits_give_the_same_losses_and_gradients():
     torch.testing.assert_close(L_trim, L_full, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_trim, grads_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_model_with_input_require_grads_hook():
+    """PEFT/TRL call enable_input_require_grads(): the embedding output is then already a leaf that requires grad."""
+    model = add_lora(_llama(tied=True))
+    model.enable_input_require_grads()
+    batch = make_batch()
+    G, _ = per_sample_grad_norms(model, batch)
+    G_ref, _ = naive_grad_norms(model, batch)
+    torch.testing.assert_close(G.double(), G_ref.double(), rtol=RTOL, atol=1e-6)

@@ -318,3 +318,36 @@ def test_drop_in_trainer_trains_on_plain_dataset(tmp_path):
     logs = [h for h in t.state.log_history if "kept_fraction" in h]
     assert len(logs) == 2 and logs[0]["kept_fraction"] == pytest.approx(0.2)
     assert t._engine is None  # hooks removed after training
+
+
+def test_trl_sft_trainer_drop_in_steps_on_the_moderate_samples(tmp_path, tokenizer):
+    """ModerateGiSFTTrainer on TRL's own data path (prompt/completion, completion-only loss)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from gradsift.train.trainer import ModerateGiSFTTrainer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = [{"prompt": f"What is {a} plus {a + 3}?", "completion": f" {2 * a + 3}" + " ok" * (a % 4)}
+            for a in range(10)]
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=10, max_steps=1,
+                     report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1,
+                     completion_only_loss=True, learning_rate=1e-3)
+    trainer = ModerateGiSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, rho=0.2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert bool((batch["labels"] == -100).any())  # the collator masked the prompts
+    trainer.training_step(trainer.model, dict(batch))
+    got = trainable_grads(model)
+    records = trainer.selection_records
+    kept = torch.tensor([i for i, r in enumerate(records) if r["kept"]])
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    G_ref, L_ref = naive_grad_norms(model, plain, params="all")
+    assert kept.tolist() == select.moderate(G_ref, L_ref, rho=0.2).tolist() and len(kept) == 2
+    assert_grads_close(got, fresh_grads_on(model, plain, kept))

@@ -361,8 +361,11 @@ class GhostNormEngine:
         if not isinstance(output, torch.Tensor):
             return None
         out = output
-        if isinstance(module, nn.Embedding) and not out.requires_grad:
-            out = out.detach().requires_grad_(True)
+        if isinstance(module, nn.Embedding) and out.grad_fn is None:
+            # frozen embedding: its output is a root of the backward pass (already a leaf that
+            # requires grad when the model called enable_input_require_grads)
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
             self._roots.append(out)
         group = self.group_of.get(module)
         if group is not None and out.requires_grad:

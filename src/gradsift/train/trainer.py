@@ -116,6 +116,15 @@ class SelectionStepMixin:
             method, {"rho": rho, "params": params, "prefilter": prefilter, "selection_backward": selection_backward}
         )
         self.stage_label = stage_label or "training"
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if self.method.name in SELECTION_METHODS and getattr(targs, "gradient_checkpointing", False):
+            # the scoring pass reads every layer's input and output gradient; recomputed
+            # (checkpointed) blocks would be captured twice. TRL's SFTConfig turns it on by default.
+            import warnings
+
+            warnings.warn(f"gradsift: method {self.method.name!r} needs every layer's activations in its scoring "
+                          "pass; gradient checkpointing is turned off", stacklevel=2)
+            targs.gradient_checkpointing = False
         self._selection_generator = torch.Generator().manual_seed(int(selection_seed))
         self._engine = None
         self._pending: list[dict[str, float]] = []
