@@ -85,8 +85,8 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     from gradsift.eval.judges import keyword_refusals
 
     ids = list(responses)
-    refused = {i for i, flag in zip(ids, keyword_refusals([responses[i] for i in ids], mode="prefix")) if flag}
-    responses = {i: r for i, r in responses.items() if i not in refused}
+    flags = keyword_refusals([responses[i] for i in ids], mode="prefix")
+    responses = {i: responses[i] for i, refused in zip(ids, flags) if not refused}
     records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed)
     for extra in range(1, recipe.harmful_repeats):  # the same requests again, other refusal wordings
         records += alignment_records(None, n_harmful=recipe.n_harmful, seed=recipe.seed + 1000 * extra)
