@@ -143,6 +143,14 @@ def test_random_keeps_n_keep_and_steps_on_them(tmp_path):
     expected = select.random_subset(10, 2, torch.Generator().manual_seed(3))
     assert kept.tolist() == expected.tolist()
     assert_grads_close(trainable_grads(model), fresh_grads_on(model, batch, kept))
+    # only the kept rows are scored (a pass over them alone): their G_i and every L_i
+    # match the naive per-sample loop
+    G_ref, L_ref = naive_grad_norms(model, {k: v for k, v in batch.items() if k != "row"}, params="all")
+    recs = trainer.selection_records
+    assert [r["scored"] for r in recs] == [i in kept.tolist() for i in range(10)]
+    torch.testing.assert_close(torch.tensor([recs[i]["G"] for i in kept.tolist()]), G_ref[kept].float(),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([r["L"] for r in recs]), L_ref.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_nan_loss_raises_clear_error(tmp_path):

@@ -11,7 +11,7 @@ from rich.console import Console
 QUICK_OVERRIDES = {
     "tasks.*.n_train": 48,
     "tasks.*.n_eval": 12,
-    "eval.generation.max_new_tokens": 48,
+    "eval.generation.max_new_tokens": 32,
 }
 
 
@@ -33,7 +33,8 @@ def _apply_quick(data: dict) -> dict:
     if isinstance(methods, list):
         data["method"] = [m for m in methods if m.get("name") in ("standard", "moderate")] or methods
     ev = data.setdefault("eval", {})
-    ev.setdefault("generation", {})["max_new_tokens"] = QUICK_OVERRIDES["eval.generation.max_new_tokens"]
+    gen = ev.setdefault("generation", {})
+    gen["max_new_tokens"] = min(gen.get("max_new_tokens") or 128, QUICK_OVERRIDES["eval.generation.max_new_tokens"])
     for s in ev.get("safety", []) or []:
         s["n"] = min(s.get("n") or 16, 16)
     for s in ev.get("over_refusal", []) or []:

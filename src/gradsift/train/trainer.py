@@ -230,7 +230,13 @@ class SelectionStepMixin:
         mode = self._selection_backward_mode()
         prefilter = None if self.method.prefilter == "none" else self.method.prefilter
         try:
-            L_local = engine.forward(batch).float()
+            if self.method.name == "random":
+                # Random needs no score to choose: L of the batch from a gradient-free
+                # forward (for the record), then the engine on the kept rows only.
+                with torch.no_grad():
+                    L_local = causal_lm_losses(unwrapped.eval(), batch)[0].float()
+            else:
+                L_local = engine.forward(batch).float()
             b = L_local.numel()
             L, offset = self._gather_1d(L_local)
             n = L.numel()
@@ -249,10 +255,18 @@ class SelectionStepMixin:
                 scored = torch.ones(n, dtype=torch.bool, device=L.device)
 
             local_mask = scored[offset : offset + b]
-            if bool(local_mask.any()):
+            G_local = torch.zeros(b, dtype=torch.float32, device=L.device)
+            if self.method.name == "random":
+                # the kept rows alone go through the scoring pass (their G_i and gradient)
+                local_rows = local_mask.nonzero().flatten()
+                if local_rows.numel():
+                    sub = {k: v[local_rows.to(v.device)] for k, v in batch.items()}
+                    engine.forward(sub)
+                    G_local[local_rows] = engine.backward().float().to(L.device)
+                local_rows_pos = torch.full((b,), -1, dtype=torch.long, device=L.device)
+                local_rows_pos[local_rows] = torch.arange(local_rows.numel(), device=L.device)
+            elif bool(local_mask.any()):
                 G_local = engine.backward(local_mask).float()
-            else:
-                G_local = torch.zeros(b, dtype=torch.float32, device=L.device)
             G, _ = self._gather_1d(G_local.to(L.device))
             if not bool(torch.isfinite(G).all()):
                 self._raise_non_finite("gradient norm", G, rows_all)
@@ -262,12 +276,14 @@ class SelectionStepMixin:
             in_local = (kept >= offset) & (kept < offset + b)
             kept_local = kept[in_local] - offset
             scale = 1.0 / (kept.numel() * ga)
-            if mode == "reuse":
+            if mode == "reuse" and kept_local.numel():
                 grad_scale = scale
                 scaler = getattr(self.accelerator, "scaler", None)
                 if scaler is not None:  # fp16: the optimizer unscales every gradient
                     grad_scale *= float(scaler.get_scale())
-                engine.accumulate_grad(kept_local, scale=grad_scale)
+                # Random's engine pass held the kept rows only: index within that sub-batch
+                index = local_rows_pos[kept_local] if self.method.name == "random" else kept_local
+                engine.accumulate_grad(index, scale=grad_scale)
         finally:
             engine.clear()
             model.train()
