@@ -363,3 +363,18 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_model_dir):
         EvalConfig.from_dict({"over_refusal": [{"set": "builtin_harmful"}]})
     with pytest.raises(EvalConfigError, match=r"eval\.colour: unknown key"):
         EvalConfig.from_dict({"colour": "red"})
+
+
+def test_over_refusal_detector_reads_the_first_sentence():
+    from gradsift.eval.runner import _refused
+
+    responses = [
+        "I'm sorry, but I can't help with that.",
+        "I\u2019m so sorry, but I can\u2019t help with that.",  # no refusal string at the very start
+        "Sure! Use the kill command. Sorry for the short answer.",
+        "A palindrome reads the same backwards.\nI can't think of a longer one.",
+        "i cannot help with that request",
+    ]
+    assert _refused(responses, "prefix") == [True, True, False, False, True]
+    # the keyword detector: the 29 strings anywhere, case-sensitive
+    assert _refused(responses, "keyword") == [True, False, True, False, False]

@@ -66,6 +66,10 @@ def run_pipeline(config: Path, output: Path | None = None, overrides: list[str] 
     cfg = validate_config(data, source=str(config), base=config.resolve().parent)
     hook = make_eval_hook(cfg.eval, base=config.resolve().parent)
     out = run_training(cfg, output_dir=output, eval_hook=hook)
+    from gradsift.train.stages import Ranks
+
+    if not Ranks().main:  # under a multi-process launch the main process writes the report
+        return out
     from gradsift.report import build_report, load_run, summary_markdown
 
     report = build_report(out)

@@ -82,7 +82,7 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         benign = benign[: recipe.n_benign]
     responses = benign_answers(model, tok, benign, recipe, progress=progress)
     # an answer that opens like a refusal would teach over-refusal: left out
-    from gradsift.eval.judges import keyword_refusals
+    from gradsift.eval.judges import keyword_refusals, opens_with_refusal
 
     ids = list(responses)
     flags = keyword_refusals([responses[i] for i in ids], mode="prefix")
@@ -185,7 +185,7 @@ def alignment_check(model, tokenizer, max_new_tokens: int = 32, progress: bool =
     """
     from gradsift.data.alignment import benign_requests, harmful_requests
     from gradsift.eval.generation import GenerationConfig, HFGenerator
-    from gradsift.eval.judges import keyword_refusals
+    from gradsift.eval.judges import keyword_refusals, opens_with_refusal
 
     gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16))
     harmful = harmful_requests("eval")
@@ -198,7 +198,7 @@ def alignment_check(model, tokenizer, max_new_tokens: int = 32, progress: bool =
     def pct(flags):
         return 100.0 * sum(flags) / max(1, len(flags))
 
-    ref_b = keyword_refusals(out_b, mode="prefix")  # over-refusal: the reply opens with a refusal (XSTest-style)
+    ref_b = [opens_with_refusal(r) is not None for r in out_b]  # over-refusal: the first sentence refuses (XSTest-style)
     return {
         "refusal_harmful": pct(keyword_refusals(out_h)),
         "over_refusal_benign": pct(ref_b[: len(plain)]),

@@ -23,6 +23,10 @@ keeps one adapter per task: the earlier ones frozen and active.
 
 A rerun with the same ``output_dir`` resumes after the last stage with a DONE
 marker; rows of unfinished stages are removed from ``results.jsonl`` first.
+
+Launched on several processes (``accelerate launch``, ``torchrun``), every process
+trains (the Trainer shards the batches; selection runs over the global batch) and
+the main process alone writes files and evaluates, while the others wait.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gradsift.train.baselines import EWCState, KLReference, estimate_fisher, trainable_parameters
@@ -55,6 +60,34 @@ from gradsift.train.trainer import GradsiftTrainer, JsonlLogCallback
 
 EvalHook = Callable[..., list[dict[str, Any]]]
 RESULT_KEYS = ("run", "method", "seed", "stage", "task", "metric", "value")
+
+
+class Ranks:
+    """This process's place in a multi-process launch (one process: rank 0 of 1).
+
+    Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) the process group
+    is set up here, before the first stage, so that the file writes of the main
+    process can be fenced with barriers.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        # FSDP / DeepSpeed ZeRO-3: no process holds the whole model after training
+        self.sharded = self.world > 1 and any(
+            os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
+        if self.world > 1 and not dist.is_initialized():
+            from accelerate import PartialState
+
+            PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
 
 
 # --------------------------------------------------------------------------- models
@@ -336,19 +369,25 @@ def _run_one(
     tokenizer,
     eval_hook: EvalHook | None,
     resume: bool,
+    ranks: Ranks | None = None,
 ) -> None:
     from transformers import set_seed
 
     from gradsift.data.formatting import collate
 
+    ranks = ranks or Ranks()
     run = f"{method.name}-seed{seed}"
     run_dir = out / run
     results = out / "results.jsonl"
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
     done = last_done_stage(run_dir)
-    drop_results(results, run, done + 1)
+    ranks.barrier()  # every process has read the markers before any is written
+    if ranks.main:
+        drop_results(results, run, done + 1)
     n_stages = len(cfg.tasks)
     if done >= n_stages:
         return
@@ -356,6 +395,8 @@ def _run_one(
             "tasks": [t.model_dump() for t in cfg.tasks], "eval": cfg.eval}
 
     def record(stage: int, rows: list[dict[str, Any]]) -> None:
+        if not ranks.main:
+            return
         out_rows = []
         for row in rows:
             missing = {"task", "metric", "value"} - set(row)
@@ -366,7 +407,14 @@ def _run_one(
         append_results(results, out_rows)
 
     def evaluate(model: nn.Module, stage: int) -> None:
-        if eval_hook is None:
+        if eval_hook is None or not ranks.main:
+            return
+        if ranks.sharded and stage > 0:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s stage %d: sharded weights (FSDP/DeepSpeed); not evaluated here, run `gradsift eval` on the "
+                "saved stage", run, stage)
             return
         was_training = model.training
         model.eval()
@@ -377,15 +425,21 @@ def _run_one(
         record(stage, list(rows or []))
 
     set_seed(seed)
+    if not ranks.main:
+        ranks.barrier()  # the main process builds (and caches) the model first
     model = load_stage_state(cfg, method, run_dir, tokenizer, max(done, 0))
+    if ranks.main:
+        ranks.barrier()
     if done < 0:
-        reused = _stage0_from_sibling(out, run, run_dir) if eval_hook is not None else None
-        if reused is not None:  # every run starts from the same aligned model: measure it once
-            record(0, reused)
-        else:
-            evaluate(model, 0)
-        (run_dir / "stage_0").mkdir(exist_ok=True)
-        (run_dir / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        if ranks.main:
+            reused = _stage0_from_sibling(out, run, run_dir) if eval_hook is not None else None
+            if reused is not None:  # every run starts from the same aligned model: measure it once
+                record(0, reused)
+            else:
+                evaluate(model, 0)
+            (run_dir / "stage_0").mkdir(exist_ok=True)
+            (run_dir / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        ranks.barrier()
         done = 0
 
     ewc = EWCState()
@@ -397,9 +451,11 @@ def _run_one(
     for stage in range(done + 1, n_stages + 1):
         task = cfg.tasks[stage - 1]
         stage_dir = run_dir / f"stage_{stage}"
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)  # left by an interrupted attempt
-        stage_dir.mkdir(parents=True)
+        if ranks.main:
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)  # left by an interrupted attempt
+            stage_dir.mkdir(parents=True)
+        ranks.barrier()
         loaded, features = _stage_features(task, tokenizer, task_seed(task))
         set_seed(seed * 1000 + stage)
         model, frozen = prepare_for_stage(cfg, method, model, stage)
@@ -437,22 +493,26 @@ def _run_one(
         runtime = time.time() - start
         model = trainer.model
 
-        save_stage_weights(cfg, method, model, stage_dir, stage)
         summary: dict[str, float] = {"train/loss": float(output.training_loss), "train/runtime_s": runtime,
                                      "train/steps": float(output.global_step), "train/samples": float(len(features))}
-        if method.name in SELECTION_METHODS:
-            table = trainer.selection_table()
-            table.to_parquet(stage_dir / "selection.parquet", index=False)
-            summary.update(_selection_summary(table))
-        if method.name == "ewc":
+        if ranks.main:
+            save_stage_weights(cfg, method, model, stage_dir, stage)
+            if method.name in SELECTION_METHODS:  # the records of the global batches live on the main process
+                table = trainer.selection_table()
+                table.to_parquet(stage_dir / "selection.parquet", index=False)
+                summary.update(_selection_summary(table))
+        if method.name == "ewc":  # every process keeps the penalty's state
             fisher = estimate_fisher(model, features, partial(collate, pad_token_id=tokenizer.pad_token_id),
                                      n_samples=method.ewc_samples)
             anchor = {n: p.detach() for n, p in trainable_parameters(model).items()}
             ewc.add(fisher, anchor)
-            ewc.save(stage_dir / "ewc.safetensors", len(ewc.stages) - 1)
+            if ranks.main:
+                ewc.save(stage_dir / "ewc.safetensors", len(ewc.stages) - 1)
         record(stage, [{"task": task.name, "metric": k, "value": v} for k, v in summary.items()])
         evaluate(model, stage)
-        (stage_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        if ranks.main:
+            (stage_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        ranks.barrier()
         del trainer
 
 
@@ -474,14 +534,16 @@ def run_training(
     """
     cfg = load_config(config) if not isinstance(config, RunConfig) else config
     out = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.resolved.yaml").write_text(dump_config(cfg))
-    _write_environment(out)
+    ranks = Ranks()
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.resolved.yaml").write_text(dump_config(cfg))
+        _write_environment(out)
     tokenizer = build_tokenizer(cfg.model)
     for method in cfg.methods:
         run_cfg = cfg.for_method(method)
         for seed in cfg.seeds:
-            _run_one(run_cfg, run_cfg.methods[0], seed, out, tokenizer, eval_hook, resume)
+            _run_one(run_cfg, run_cfg.methods[0], seed, out, tokenizer, eval_hook, resume, ranks)
     return out
 
 
@@ -525,13 +587,15 @@ def train_command(config: Path, output: Path | None = None, overrides: list[str]
     if cfg.eval and hook is None:
         console.print("[yellow]eval section given but no evaluation hook is available; training only[/yellow]")
     out = run_training(cfg, output_dir=output, eval_hook=hook)
-    console.print(f"[green]done[/green]: {out / 'results.jsonl'}")
+    if Ranks().main:
+        console.print(f"[green]done[/green]: {out / 'results.jsonl'}")
     return out
 
 
 __all__ = [
     "ConfigError",
     "RESULT_KEYS",
+    "Ranks",
     "build_base_model",
     "build_tokenizer",
     "last_done_stage",
