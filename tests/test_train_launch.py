@@ -1,4 +1,4 @@
-"""`accelerate launch` with two CPU processes (gloo) runs the whole stage loop of `gradsift train`.
+"""`accelerate launch --multi_gpu` with two CPU processes (gloo) runs the whole stage loop of `gradsift train`.
 
 The launched run must train on the same global batches as one process with the
 per-device batch doubled, keep the same samples at every step (selection over the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,12 @@ def _run(cmd: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _sets(batch: int) -> list[str]:
     out: list[str] = []
     for s in SETTINGS + [f"optim.batch_size={batch}"]:
@@ -49,8 +56,8 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path):
         pytest.skip("accelerate's launcher is not installed")
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "gradsift", "train", str(TINY), "--output", str(one), *_sets(8)], ROOT)
-    _run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--main_process_port", "0",
+    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
           "-m", "gradsift", "train", str(TINY), "--output", str(two), *_sets(4)], ROOT)
 
     # every measurement written once, by the main process

@@ -166,7 +166,7 @@ def benign_answers(model, tokenizer, benign: list[dict], recipe: AlignRecipe, pr
     if missing:
         _log(f"answering {len(missing)} benign instructions with the model itself (its own style is kept)")
         gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=recipe.benign_max_new_tokens,
-                                                             batch_size=16))
+                                                             batch_size=64))
         out = gen.generate([b["prompt"] for b in missing], progress=progress)
         answers.update({b["id"]: a.strip() for b, a in zip(missing, out)})
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def alignment_check(model, tokenizer, max_new_tokens: int = 32, progress: bool =
     from gradsift.eval.generation import GenerationConfig, HFGenerator
     from gradsift.eval.judges import keyword_refusals, opens_with_refusal
 
-    gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16))
+    gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=64))
     harmful = harmful_requests("eval")
     benign = benign_requests("eval")
     plain = [b for b in benign if not b.get("borderline")]
