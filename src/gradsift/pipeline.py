@@ -10,8 +10,10 @@ from rich.console import Console
 # --quick: fewer samples, fewer prompts, the two methods that show the contrast
 QUICK_OVERRIDES = {
     "tasks.*.n_train": 48,
-    "tasks.*.n_eval": 12,
-    "eval.generation.max_new_tokens": 32,
+    "tasks.*.n_eval": 8,
+    "eval.generation.max_new_tokens": 24,
+    "eval.safety.*.n": 16,
+    "eval.over_refusal.*.n": 12,
 }
 
 
@@ -28,17 +30,17 @@ def demo_config_path() -> Path:
 def _apply_quick(data: dict) -> dict:
     for task in data.get("tasks", []):
         task["n_train"] = min(task.get("n_train") or 64, QUICK_OVERRIDES["tasks.*.n_train"])
-        task["n_eval"] = min(task.get("n_eval") or 12, QUICK_OVERRIDES["tasks.*.n_eval"])
+        task["n_eval"] = min(task.get("n_eval") or 8, QUICK_OVERRIDES["tasks.*.n_eval"])
     methods = data.get("method")
     if isinstance(methods, list):
         data["method"] = [m for m in methods if m.get("name") in ("standard", "moderate")] or methods
     ev = data.setdefault("eval", {})
     gen = ev.setdefault("generation", {})
     gen["max_new_tokens"] = min(gen.get("max_new_tokens") or 128, QUICK_OVERRIDES["eval.generation.max_new_tokens"])
-    for s in ev.get("safety", []) or []:
-        s["n"] = min(s.get("n") or 16, 16)
-    for s in ev.get("over_refusal", []) or []:
-        s["n"] = min(s.get("n") or 16, 16)
+    for key in ("safety", "over_refusal"):
+        cap = QUICK_OVERRIDES[f"eval.{key}.*.n"]
+        for s in ev.get(key, []) or []:
+            s["n"] = min(s.get("n") or cap, cap)
     return data
 
 

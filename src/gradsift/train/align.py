@@ -82,7 +82,7 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         benign = benign[: recipe.n_benign]
     responses = benign_answers(model, tok, benign, recipe, progress=progress)
     # an answer that opens like a refusal would teach over-refusal: left out
-    from gradsift.eval.judges import keyword_refusals, opens_with_refusal
+    from gradsift.eval.judges import keyword_refusals
 
     ids = list(responses)
     flags = keyword_refusals([responses[i] for i in ids], mode="prefix")
