@@ -24,7 +24,7 @@ def test_demo_config_is_valid_and_quick_trims_it():
     assert len(cfg.tasks) >= 3
     quick = _apply_quick(yaml.safe_load(path.read_text()))
     assert [m["name"] for m in quick["method"]] == ["standard", "moderate"]
-    assert all(t["n_train"] == 48 and t["n_eval"] == 8 for t in quick["tasks"])
+    assert all(t["n_train"] == 32 and t["n_eval"] == 8 for t in quick["tasks"])
     assert [s["n"] for s in quick["eval"]["safety"]] == [16]
     assert [s["n"] for s in quick["eval"]["over_refusal"]] == [12]
     assert quick["eval"]["generation"]["max_new_tokens"] == 24

@@ -9,7 +9,7 @@ from rich.console import Console
 
 # --quick: fewer samples, fewer prompts, the two methods that show the contrast
 QUICK_OVERRIDES = {
-    "tasks.*.n_train": 48,
+    "tasks.*.n_train": 32,
     "tasks.*.n_eval": 8,
     "eval.generation.max_new_tokens": 24,
     "eval.safety.*.n": 16,
@@ -29,7 +29,7 @@ def demo_config_path() -> Path:
 
 def _apply_quick(data: dict) -> dict:
     for task in data.get("tasks", []):
-        task["n_train"] = min(task.get("n_train") or 64, QUICK_OVERRIDES["tasks.*.n_train"])
+        task["n_train"] = min(task.get("n_train") or 32, QUICK_OVERRIDES["tasks.*.n_train"])
         task["n_eval"] = min(task.get("n_eval") or 8, QUICK_OVERRIDES["tasks.*.n_eval"])
     methods = data.get("method")
     if isinstance(methods, list):
