@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gradsift.eval.generation import GenerationConfig, load_generations, make_generator, save_generations
 from gradsift.eval.jailbreak import ATTACKS, apply_attack
 from gradsift.eval.judges import (
-    EXTRA_REFUSALS,
     JUDGES,
     REFUSAL_STRINGS,
     Judge,
@@ -469,8 +468,7 @@ def _refused(responses: Sequence[str], detector: str) -> list[bool]:
         return keyword_refusals(responses, "substring")
     from gradsift.eval.judges import opens_with_refusal
 
-    strings = tuple(REFUSAL_STRINGS) + EXTRA_REFUSALS
-    return [opens_with_refusal(r, strings) is not None for r in responses]
+    return [opens_with_refusal(r) is not None for r in responses]
 
 
 def _overrefusal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -263,8 +263,6 @@ class SelectionStepMixin:
                     sub = {k: v[local_rows.to(v.device)] for k, v in batch.items()}
                     engine.forward(sub)
                     G_local[local_rows] = engine.backward().float().to(L.device)
-                local_rows_pos = torch.full((b,), -1, dtype=torch.long, device=L.device)
-                local_rows_pos[local_rows] = torch.arange(local_rows.numel(), device=L.device)
             elif bool(local_mask.any()):
                 G_local = engine.backward(local_mask).float()
             G, _ = self._gather_1d(G_local.to(L.device))
@@ -281,8 +279,8 @@ class SelectionStepMixin:
                 scaler = getattr(self.accelerator, "scaler", None)
                 if scaler is not None:  # fp16: the optimizer unscales every gradient
                     grad_scale *= float(scaler.get_scale())
-                # Random's engine pass held the kept rows only: index within that sub-batch
-                index = local_rows_pos[kept_local] if self.method.name == "random" else kept_local
+                # Random's engine pass held exactly the local kept rows (both ascending)
+                index = torch.arange(kept_local.numel()) if self.method.name == "random" else kept_local
                 engine.accumulate_grad(index, scale=grad_scale)
         finally:
             engine.clear()
