@@ -73,9 +73,7 @@ class Ranks:
     def __init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        # FSDP / DeepSpeed ZeRO-3: no process holds the whole model after training
-        self.sharded = self.world > 1 and any(
-            os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("FSDP", "DEEPSPEED"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world > 1 and not dist.is_initialized():
             from accelerate import PartialState
 
@@ -88,6 +86,13 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
+
+    @property
+    def device(self) -> torch.device:
+        """This process's accelerator (where evaluation runs), or the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- models
@@ -230,12 +235,16 @@ def prepare_for_stage(cfg: RunConfig, method: MethodSettings, model: nn.Module, 
     return get_peft_model(model, lora_config(ms)), []
 
 
-def save_stage_weights(cfg: RunConfig, method: MethodSettings, model: nn.Module, stage_dir: Path, stage: int) -> None:
+def save_stage_weights(cfg: RunConfig, method: MethodSettings, model: nn.Module, stage_dir: Path, stage: int,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The stage's adapter (or whole model, without LoRA); ``state_dict``: the full weights gathered
+    from a sharded (FSDP / ZeRO-3) model, where the module's own parameters are only this rank's shard."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     if cfg.model.lora is None:
-        model.save_pretrained(stage_dir / "model", safe_serialization=True)
+        model.save_pretrained(stage_dir / "model", safe_serialization=True, **extra)
         return
     selected = [olora_name(stage)] if method.name == "olora" else None
-    model.save_pretrained(stage_dir / "adapter", safe_serialization=True, selected_adapters=selected)
+    model.save_pretrained(stage_dir / "adapter", safe_serialization=True, selected_adapters=selected, **extra)
 
 
 # --------------------------------------------------------------------------- results
@@ -409,19 +418,17 @@ def _run_one(
     def evaluate(model: nn.Module, stage: int) -> None:
         if eval_hook is None or not ranks.main:
             return
-        if ranks.sharded and stage > 0:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "%s stage %d: sharded weights (FSDP/DeepSpeed); not evaluated here, run `gradsift eval` on the "
-                "saved stage", run, stage)
-            return
         was_training = model.training
+        home = next(model.parameters()).device
+        if home != ranks.device:  # a model loaded from disk sits on the CPU: generate on the accelerator
+            model.to(ranks.device)
         model.eval()
         try:
             rows = eval_hook(model, tokenizer, stage, cfg.tasks[:stage], {**info, "stage": stage})
         finally:
             model.train(was_training)
+            if home != ranks.device:
+                model.to(home)
         record(stage, list(rows or []))
 
     set_seed(seed)
@@ -488,15 +495,22 @@ def _run_one(
             olora_frozen=frozen,
             callbacks=[JsonlLogCallback(stage_dir / "log.jsonl", {"stage": stage, "task": task.name})],
         )
+        sharded = trainer.shards_parameters
+        if sharded and method.name == "ewc":
+            raise ConfigError("method: ewc needs the whole model on every process; it does not run under FSDP or "
+                              "DeepSpeed ZeRO-3 (use DDP: accelerate launch --multi_gpu)")
         start = time.time()
         output = trainer.train()
         runtime = time.time() - start
         model = trainer.model
+        # sharded training: each process holds a shard of the weights; gather them (every process takes part)
+        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
 
         summary: dict[str, float] = {"train/loss": float(output.training_loss), "train/runtime_s": runtime,
-                                     "train/steps": float(output.global_step), "train/samples": float(len(features))}
+                                     "train/steps": float(output.global_step), "train/samples": float(len(features)),
+                                     "train/processes": float(ranks.world), "train/sharded": float(sharded)}
         if ranks.main:
-            save_stage_weights(cfg, method, model, stage_dir, stage)
+            save_stage_weights(cfg, method, model, stage_dir, stage, state_dict=full_state)
             if method.name in SELECTION_METHODS:  # the records of the global batches live on the main process
                 table = trainer.selection_table()
                 table.to_parquet(stage_dir / "selection.parquet", index=False)
@@ -509,11 +523,15 @@ def _run_one(
             if ranks.main:
                 ewc.save(stage_dir / "ewc.safetensors", len(ewc.stages) - 1)
         record(stage, [{"task": task.name, "metric": k, "value": v} for k, v in summary.items()])
+        if sharded:  # continue (and evaluate) from the saved stage: whole weights, as a resumed run would
+            del trainer, full_state
+            ranks.barrier()
+            model = load_stage_state(cfg, method, run_dir, tokenizer, stage)
         evaluate(model, stage)
         if ranks.main:
             (stage_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
         ranks.barrier()
-        del trainer
+        trainer = None
 
 
 def task_seed(task: TaskSettings) -> int:

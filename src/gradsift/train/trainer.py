@@ -140,6 +140,19 @@ class SelectionStepMixin:
     def uses_selection(self) -> bool:
         return self.method.name in SELECTION_METHODS
 
+    @property
+    def shards_parameters(self) -> bool:
+        """True under FSDP or DeepSpeed ZeRO-3: no process holds the whole model's weights."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return True
+        if kind == DistributedType.DEEPSPEED:
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            return getattr(plugin, "zero_stage", 3) == 3
+        return False
+
     def _selection_backward_mode(self) -> str:
         mode = self.method.selection_backward
         if mode != "auto":
