@@ -12,6 +12,8 @@ and ratios (absolute times on a shared machine are noise).
 
     python benchmarks/step_bench.py                       # SmolLM2-135M + LoRA r=16, B=32, T=128
     python benchmarks/step_bench.py --model random-small --batch-size 32
+    python benchmarks/step_bench.py --model embedded-aligned --task yesno --batch-size 16 --seq-len 256
+                                      # the demo's batches: real samples of a built-in task
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stage-batches", type=int, default=4, help="batches in the end-to-end stage")
+    ap.add_argument("--task", help="real samples of this task (registry name or file) instead of random tokens; "
+                    "--seq-len is then its max_length")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="tuned: gradsift.runtime.tune_cpu_allocator() as the CLI does (both sides)")
@@ -108,13 +112,25 @@ def main() -> None:
     from gradsift.data.formatting import collate
 
     model = build(args.model, args.lora_r)
-    vocab = model.config.vocab_size
-    feats = features(vocab, args.batch_size * args.stage_batches, args.seq_len)
-    batch = collate(feats[: args.batch_size], 0)
+    n = args.batch_size * args.stage_batches
+    pad = 0
+    if args.task:
+        from gradsift.data.formatting import encode_records
+        from gradsift.data.tasks import load_task
+        from gradsift.models import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+        pad = tok.pad_token_id
+        task = load_task(args.task, n_train=n, n_eval=0, seed=0)
+        feats = encode_records(tok, task.train[:n], args.seq_len)
+    else:
+        feats = features(model.config.vocab_size, n, args.seq_len)
+    batch = collate(feats[: args.batch_size], pad)
     tmp = tempfile.mkdtemp()
-    trainers = {"standard": make_trainer(model, "standard", feats, args.batch_size, tmp),
-                "moderate": make_trainer(model, "moderate", feats, args.batch_size, tmp),
-                "moderate_trainable": make_trainer(model, "moderate", feats, args.batch_size, tmp, params="trainable")}
+    trainers = {"standard": make_trainer(model, "standard", feats, args.batch_size, tmp, pad),
+                "moderate": make_trainer(model, "moderate", feats, args.batch_size, tmp, pad),
+                "moderate_trainable": make_trainer(model, "moderate", feats, args.batch_size, tmp, pad,
+                                                   params="trainable")}
     for t in trainers.values():
         t.create_optimizer_and_scheduler(num_training_steps=100)
     naive_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -143,16 +159,17 @@ def main() -> None:
     # a whole stage, end to end, on the same data
     stage = {}
     for m in ("standard", "moderate"):
-        t = make_trainer(model, m, feats, args.batch_size, tmp)
+        t = make_trainer(model, m, feats, args.batch_size, tmp, pad)
         t0 = time.perf_counter()
         t.train()
         stage[m] = time.perf_counter() - t0
-    res = {"model": args.model, "malloc": args.malloc, "B": args.batch_size, "T": args.seq_len, "lora_r": args.lora_r,
+    res = {"model": args.model, "task": args.task, "malloc": args.malloc, "B": args.batch_size, "T": args.seq_len, "lora_r": args.lora_r,
            "threads": torch.get_num_threads(), "step_median_s": med,
            "step_ratio_vs_plain": {m: v / med["plain"] for m, v in med.items()},
            "stage_s": stage, "stage_ratio": stage["moderate"] / stage["standard"],
            "stage_batches": args.stage_batches}
-    print(f"\n== {args.model} + LoRA r={args.lora_r}, B={args.batch_size}, T={args.seq_len}, "
+    data = f"task {args.task}, max_length {args.seq_len}" if args.task else f"T={args.seq_len}"
+    print(f"\n== {args.model} + LoRA r={args.lora_r}, B={args.batch_size}, {data}, "
           f"{torch.get_num_threads()} threads, malloc {args.malloc}")
     for m, v in med.items():
         label = {"moderate": "moderate (G over all params)", "moderate_trainable": "moderate (G over LoRA params)"}

@@ -161,6 +161,22 @@ def test_both_linear_strategies_exact(mode, monkeypatch):
     assert_close(G, G_ref)
 
 
+@pytest.mark.parametrize("mode", ["ghost", "materialize", "auto"])
+def test_backward_on_part_of_the_batch(mode, monkeypatch):
+    """backward(mask) (the loss pre-filter's survivors): naive norms on the mask, 0 elsewhere."""
+    monkeypatch.setattr(LinearRule, "mode", mode)
+    torch.manual_seed(0)
+    model = add_lora(_llama(tied=True))
+    batch = make_batch(seed=3)
+    mask = torch.tensor([True, False, True, True, False])
+    with GhostNormEngine(model, params="all", keep_grads=True) as engine:
+        engine.forward(batch)
+        G = engine.backward(mask)
+    G_ref, _ = naive_grad_norms(model, batch, params="all")
+    assert_close(G[mask], G_ref[mask])
+    assert (G[~mask] == 0).all()
+
+
 def test_gemma_style_rmsnorm_and_layernorm():
     """Norm layers computing xhat * (1 + w) and LayerNorm with bias, in a custom model."""
 
@@ -273,9 +289,9 @@ def test_input_gram_computed_once_per_shared_input(monkeypatch):
     fresh = []
     orig = GramCache.gram
 
-    def spy(self, A):
+    def spy(self, A, *rest):
         fresh.append(self.key(A) not in self.store)
-        return orig(self, A)
+        return orig(self, A, *rest)
 
     monkeypatch.setattr(GramCache, "gram", spy)
     G, _ = per_sample_grad_norms(model, batch)
