@@ -41,9 +41,15 @@ class AlignRecipe:
     harmful_repeats: int = 2  # each harmful request seen this many times per epoch, worded differently
     n_benign: int | None = None  # all training benign requests
     seed: int = 0
+    # weight of an unlikelihood penalty on refusal openings after benign requests (0: off):
+    # -log(1 - p(opening | benign prompt)) per benign train request, see BenignUnlikelihoodTrainer
+    benign_unlikelihood: float = 0.0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if not fields["benign_unlikelihood"]:  # recipes from before the option keep their cached organism
+            del fields["benign_unlikelihood"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 ALIGNED_NAMES = {"embedded-aligned", "smollm2-aligned"}
@@ -93,6 +99,15 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     for index, record in enumerate(records):
         record["row"] = index
     features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
+    trainer_cls, extra = GradsiftTrainer, {}
+    if recipe.benign_unlikelihood > 0:
+        benign_records = [r for r in records if r["meta"]["source"] == "benign"]
+        negatives = refusal_opening_features(tok, benign_records, recipe.max_length, first_row=len(records))
+        for f in features:
+            f["negative"] = 0.0
+        features += negatives
+        trainer_cls, extra = _benign_unlikelihood_trainer(), {"weight": recipe.benign_unlikelihood}
+        _log(f"{len(negatives)} refusal openings after benign requests penalised (weight {recipe.benign_unlikelihood})")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
     peft_model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -104,8 +119,8 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length",  # batches of similar length: less padding, faster steps on a CPU
     )
-    trainer = GradsiftTrainer(model=peft_model, args=args, train_dataset=features,
-                              data_collator=partial(collate, pad_token_id=tok.pad_token_id), method="standard")
+    trainer = trainer_cls(model=peft_model, args=args, train_dataset=features,
+                          data_collator=partial(collate, pad_token_id=tok.pad_token_id), method="standard", **extra)
     trainer.train()
     merged = trainer.model.merge_and_unload()
     merged.eval()
@@ -129,6 +144,83 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     if check["refusal_harmful"] < 90 or check["over_refusal_benign"] > 10:
         _log("[yellow]the organism misses a target: the demo still runs, and the report shows its stage-0 numbers[/]")
     return check
+
+
+def refusal_openings(n_words: int = 4) -> list[str]:
+    """The first words of the general refusal templates ("I'm sorry, but I", "I cannot help with", ...)."""
+    from gradsift.data.alignment import _refusal_table
+
+    return sorted({" ".join(t.split()[:n_words]) for t in _refusal_table()["templates"]})
+
+
+def refusal_opening_features(tokenizer, benign_records: list[dict], max_length: int, first_row: int = 0) -> list[dict]:
+    """One feature per benign record: its prompt followed by a refusal opening (cycled), labelled
+    on the opening only, without the end-of-turn token (the opening is the start of a reply), and
+    tagged ``negative=1.0``."""
+    from gradsift.data.formatting import encode
+    from gradsift.eval.generation import END_OF_TURN_TOKENS
+
+    openings = refusal_openings()
+    out = []
+    for j, rec in enumerate(benign_records):
+        messages = [rec["messages"][0], {"role": "assistant", "content": openings[j % len(openings)]}]
+        feature = encode(tokenizer, messages, max_length, row=first_row + j, source="refusal openings")
+        ids, labels = feature["input_ids"], feature["labels"]
+        end = len(ids)
+        while end > 1 and labels[end - 2] != -100:  # keep at least one labelled token
+            token = tokenizer.convert_ids_to_tokens(ids[end - 1])
+            if token not in END_OF_TURN_TOKENS and tokenizer.decode(ids[end - 1:end]).strip():
+                break
+            end -= 1
+        out.append({"input_ids": ids[:end], "labels": labels[:end], "row": first_row + j, "negative": 1.0})
+    return out
+
+
+def sequence_unlikelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample, -log(1 - p(labelled tokens | their prefix)): small while the sequence is unlikely.
+
+    ``logits`` (B, T, V) and ``labels`` (B, T) as for a causal LM (shifted by one inside);
+    p is the probability of the whole labelled span, the product over its tokens.
+    """
+    target = labels[:, 1:]
+    mask = target != -100
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    seq = logp.sum(dim=1).clamp(max=-1e-6)  # log p < 0: keeps 1 - p away from 0
+    return -torch.log1p(-torch.exp(seq))
+
+
+def _benign_unlikelihood_trainer():
+    """GradsiftTrainer whose loss adds ``weight`` x :func:`sequence_unlikelihood` on the rows tagged
+    ``negative`` (refusal openings after benign requests); the other rows keep their mean token loss."""
+    from gradsift.norms.engine import causal_lm_losses
+    from gradsift.train.trainer import GradsiftTrainer
+
+    class BenignUnlikelihoodTrainer(GradsiftTrainer):
+        def __init__(self, *args, weight: float = 1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unlikelihood_weight = weight
+
+        def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+            negative = inputs["negative"].bool()
+            batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+            if not bool(negative.any()):
+                L, out = causal_lm_losses(model, batch)
+                loss = L.mean()
+            else:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                ul = sequence_unlikelihood(out.logits, batch["labels"])
+                from gradsift.norms.engine import response_losses
+
+                ce = response_losses(out.logits[~negative], batch["labels"][~negative]) if bool((~negative).any()) \
+                    else out.logits.new_zeros(0)
+                per_row = out.logits.new_zeros(negative.shape[0], dtype=torch.float32)
+                per_row[~negative] = ce
+                per_row[negative] = self.unlikelihood_weight * ul[negative]
+                loss = per_row.mean()
+            return (loss, out) if return_outputs else loss
+
+    return BenignUnlikelihoodTrainer
 
 
 SHIPPED_ANSWERS = Path(__file__).resolve().parents[1] / "data" / "builtin" / "benign_answers.json"

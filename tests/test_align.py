@@ -1,0 +1,84 @@
+"""The organism recipe's optional unlikelihood penalty on refusal openings after benign requests."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gradsift.data.alignment import alignment_records, benign_requests
+from gradsift.data.formatting import collate, encode_records
+from gradsift.norms.engine import response_losses
+from gradsift.train.align import (
+    AlignRecipe,
+    _benign_unlikelihood_trainer,
+    refusal_opening_features,
+    refusal_openings,
+    sequence_unlikelihood,
+)
+
+
+def test_sequence_unlikelihood_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, 3, 1, -100], [-100, -100, 4, 2]])
+    got = sequence_unlikelihood(logits, labels)
+    for b in range(2):
+        p = 1.0
+        for t in range(1, 4):  # the token at t is predicted by the logits at t-1
+            if labels[b, t] != -100:
+                probs = [math.exp(float(x)) for x in logits[b, t - 1]]
+                p *= probs[int(labels[b, t])] / sum(probs)
+        assert abs(float(got[b]) - (-math.log(1 - p))) < 1e-5
+
+
+def test_recipe_key_unchanged_without_the_option():
+    # the organism cached before the option existed keeps its name (and is not rebuilt)
+    assert AlignRecipe().key() == AlignRecipe(benign_unlikelihood=0.0).key() == "4515b987af"
+    assert AlignRecipe(benign_unlikelihood=1.0).key() != AlignRecipe().key()
+
+
+def test_refusal_opening_features(tokenizer):
+    openings = refusal_openings()
+    assert "I'm sorry, but I" in openings and len(openings) >= 5
+    benign = [{"messages": [{"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": "x"}]}
+              for b in benign_requests("train")[:len(openings) + 2]]
+    feats = refusal_opening_features(tokenizer, benign, max_length=128, first_row=100)
+    for j, f in enumerate(feats):
+        assert f["negative"] == 1.0 and f["row"] == 100 + j
+        labelled = [i for i, lab in zip(f["input_ids"], f["labels"]) if lab != -100]
+        assert tokenizer.decode(labelled).strip() == openings[j % len(openings)]  # the opening, no end of turn
+        prompt = tokenizer.decode([i for i, lab in zip(f["input_ids"], f["labels"]) if lab == -100])
+        assert benign[j]["messages"][0]["content"] in prompt
+
+
+def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
+    ids = [b["id"] for b in benign_requests("train")[:3]]
+    records = alignment_records({i: "Here is how." for i in ids}, n_harmful=3, seed=0)
+    for k, r in enumerate(records):
+        r["row"] = k
+    pos = encode_records(tokenizer, records, 64)
+    for f in pos:
+        f["negative"] = 0.0
+    neg = refusal_opening_features(tokenizer, [r for r in records if r["meta"]["source"] == "benign"], 64, len(pos))
+    batch = collate(pos + neg, pad_token_id=tokenizer.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
+    trainer = _benign_unlikelihood_trainer()(model=model, args=args, train_dataset=pos + neg, method="standard",
+                                             data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                                             weight=2.5)
+    loss = trainer.compute_loss(model, dict(batch))
+    # by hand: mean token loss on the refusal/answer rows, 2.5 x -log(1 - p(opening)) on the others
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    negative = batch["negative"].bool()
+    ce = response_losses(logits[~negative], batch["labels"][~negative])
+    ul = sequence_unlikelihood(logits[negative], batch["labels"][negative])
+    expected = (ce.sum() + 2.5 * ul.sum()) / len(negative)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert negative.sum() == 3 and (~negative).sum() == len(pos)
