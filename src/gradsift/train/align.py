@@ -193,7 +193,7 @@ def sequence_unlikelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 def _benign_unlikelihood_trainer():
     """GradsiftTrainer whose loss adds ``weight`` x :func:`sequence_unlikelihood` on the rows tagged
     ``negative`` (refusal openings after benign requests); the other rows keep their mean token loss."""
-    from gradsift.norms.engine import causal_lm_losses
+    from gradsift.norms.engine import causal_lm_losses, response_losses
     from gradsift.train.trainer import GradsiftTrainer
 
     class BenignUnlikelihoodTrainer(GradsiftTrainer):
@@ -204,20 +204,14 @@ def _benign_unlikelihood_trainer():
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             negative = inputs["negative"].bool()
             batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-            if not bool(negative.any()):
+            if not bool(negative.any()):  # answers only: the usual loss, logits trimmed
                 L, out = causal_lm_losses(model, batch)
                 loss = L.mean()
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                ce = response_losses(out.logits, batch["labels"])
                 ul = sequence_unlikelihood(out.logits, batch["labels"])
-                from gradsift.norms.engine import response_losses
-
-                ce = response_losses(out.logits[~negative], batch["labels"][~negative]) if bool((~negative).any()) \
-                    else out.logits.new_zeros(0)
-                per_row = out.logits.new_zeros(negative.shape[0], dtype=torch.float32)
-                per_row[~negative] = ce
-                per_row[negative] = self.unlikelihood_weight * ul[negative]
-                loss = per_row.mean()
+                loss = torch.where(negative, self.unlikelihood_weight * ul, ce).mean()
             return (loss, out) if return_outputs else loss
 
     return BenignUnlikelihoodTrainer

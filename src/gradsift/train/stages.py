@@ -524,7 +524,7 @@ def _run_one(
                 ewc.save(stage_dir / "ewc.safetensors", len(ewc.stages) - 1)
         record(stage, [{"task": task.name, "metric": k, "value": v} for k, v in summary.items()])
         if sharded:  # continue (and evaluate) from the saved stage: whole weights, as a resumed run would
-            del trainer, full_state
+            trainer = full_state = None
             ranks.barrier()
             model = load_stage_state(cfg, method, run_dir, tokenizer, stage)
         evaluate(model, stage)
