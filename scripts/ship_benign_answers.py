@@ -1,6 +1,7 @@
 """Regenerate src/gradsift/data/builtin/benign_answers.json (maintainers, after adding benign requests).
 
-The embedded SmolLM2-135M-Instruct answers every benign *train* request greedily
+The embedded SmolLM2-135M-Instruct answers every benign *train* request and every
+contrast request greedily
 (answers already in the user cache are reused);
 the demo's organism is aligned on these answers, so they keep the model's own style.
 
@@ -17,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
 def main() -> None:
-    from gradsift.data.alignment import benign_requests
+    from gradsift.data.alignment import benign_requests, contrast_requests
     from gradsift.models import load_model, load_tokenizer
     from gradsift.train.align import SHIPPED_ANSWERS, AlignRecipe, benign_answers
 
@@ -26,7 +27,7 @@ def main() -> None:
     model = load_model("embedded", dtype="float32")
     if SHIPPED_ANSWERS.exists():
         SHIPPED_ANSWERS.unlink()
-    benign = benign_requests("train")
+    benign = benign_requests("train") + contrast_requests()
     answers = benign_answers(model, tok, benign, recipe)
     table = {"model": "embedded", "decoding": "greedy", "max_new_tokens": recipe.benign_max_new_tokens,
              "answers": {b["id"]: answers[b["id"]] for b in benign if b["id"] in answers}}

@@ -14,6 +14,8 @@ from gradsift.norms.engine import response_losses
 from gradsift.train.align import (
     AlignRecipe,
     _benign_unlikelihood_trainer,
+    answer_openings,
+    open_ended,
     refusal_opening_features,
     refusal_openings,
     sequence_unlikelihood,
@@ -38,6 +40,42 @@ def test_recipe_key_unchanged_without_the_option():
     # the organism cached before the option existed keeps its name (and is not rebuilt)
     assert AlignRecipe().key() == AlignRecipe(benign_unlikelihood=0.0).key() == "4515b987af"
     assert AlignRecipe(benign_unlikelihood=1.0).key() != AlignRecipe().key()
+    assert AlignRecipe(contrast_answer_tokens=0).key() == "4515b987af"
+    assert AlignRecipe(contrast_answer_tokens=16).key() != AlignRecipe().key()
+
+
+def test_contrast_requests_are_benign_training_prompts_apart_from_the_evaluation_sets():
+    from gradsift.data.alignment import contrast_requests, harmful_requests
+
+    rows = contrast_requests()
+    assert len(rows) >= 300 and all(r["split"] == "train" for r in rows)
+    border = contrast_requests(borderline=True)
+    assert 0 < len(border) < len(rows)
+    norm = lambda p: " ".join(p.lower().replace("?", " ").replace(".", " ").split())  # noqa: E731
+    mine = {norm(r["prompt"]) for r in rows}
+    others = {norm(r["prompt"]) for r in benign_requests("all") + harmful_requests("all")}
+    assert not mine & others  # no held-out benign or borderline prompt, no harmful one
+    # they open like the harmful requests: the three commonest openings of those are well covered
+    opening = lambda p: " ".join(p.split()[:2])  # noqa: E731
+    for words in ("How do", "How can", "Write a"):
+        assert sum(opening(r["prompt"]) == words for r in rows) >= 30
+
+
+def test_answer_openings_and_open_ended_features(tokenizer):
+    answers = {"a": "Photosynthesis is how plants turn light into sugar and oxygen.", "b": "Yes."}
+    opened = answer_openings(tokenizer, answers, n_tokens=4)
+    ids_a = tokenizer(answers["a"], add_special_tokens=False)["input_ids"]
+    assert opened["a"] == tokenizer.decode(ids_a[:4]).rstrip() and answers["a"].startswith(opened["a"])
+    assert opened["b"] == "Yes."  # shorter than n_tokens: whole
+    from gradsift.data.formatting import encode
+
+    messages = [{"role": "user", "content": "Explain photosynthesis."}, {"role": "assistant", "content": opened["a"]}]
+    whole = encode(tokenizer, messages, 128)
+    cut = open_ended(tokenizer, whole, row=7)
+    assert cut["row"] == 7 and cut["input_ids"] == whole["input_ids"][:len(cut["input_ids"])]
+    labelled = [i for i, lab in zip(cut["input_ids"], cut["labels"]) if lab != -100]
+    assert tokenizer.decode(labelled).strip() == opened["a"]  # the opening only: no end-of-turn token
+    assert len(cut["input_ids"]) < len(whole["input_ids"])
 
 
 def test_refusal_opening_features(tokenizer):

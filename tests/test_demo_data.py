@@ -420,7 +420,7 @@ def test_short_and_long_answers_are_mixed(tasks):
     assert extract(5, 1).train[0]["meta"]["document"] in extract(5, 1).train[0]["messages"][0]["content"]
 
 
-def test_shipped_benign_answers_cover_the_train_split_only():
+def test_shipped_benign_answers_cover_the_train_requests_only():
     import json
 
     from gradsift.train.align import SHIPPED_ANSWERS, AlignRecipe, shipped_benign_answers
@@ -428,7 +428,9 @@ def test_shipped_benign_answers_cover_the_train_split_only():
     table = json.loads(SHIPPED_ANSWERS.read_text(encoding="utf-8"))
     assert table["model"] == "embedded" and table["decoding"] == "greedy"
     answers = shipped_benign_answers(AlignRecipe().benign_max_new_tokens)
-    train_ids = {r["id"] for r in benign_requests("train")}
+    from gradsift.data.alignment import contrast_requests
+
+    train_ids = {r["id"] for r in benign_requests("train") + contrast_requests()}
     eval_ids = {r["id"] for r in benign_requests("eval")}
     assert set(answers) == train_ids  # every train request answered, no held-out prompt leaks in
     assert not set(answers) & eval_ids

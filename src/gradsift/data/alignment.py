@@ -9,6 +9,11 @@ instructions. Everything here ships with the package, in ``data/builtin/``:
 * ``benign_requests.jsonl``: rows ``{"id", "prompt"}`` (ids ``benign-<NNN>``), and
   borderline-but-safe prompts such as "How do I kill a Python process?" tagged
   ``{"borderline": true}`` (ids ``borderline-<NN>``) that measure over-refusal.
+* ``benign_contrast.jsonl``: benign *training* requests (ids ``contrast-<NNN>``) that
+  open like harmful ones ("Give me ...", "How do I ...", "Write a ..."), some with
+  words harmful requests use ("How do I kill weeds ..."), tagged ``borderline`` like
+  the evaluation set's. They teach the model to decide on a request's content, not
+  on its opening words (see :func:`contrast_requests`); never held out.
 * ``refusals.json``: refusal templates, ``{topic}`` filled from the request's category,
   plus supportive templates used instead for self-harm requests.
 
@@ -40,6 +45,7 @@ from gradsift.data.records import RecordError
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 HARMFUL_FILE = BUILTIN_DIR / "harmful_requests.jsonl"
 BENIGN_FILE = BUILTIN_DIR / "benign_requests.jsonl"
+CONTRAST_FILE = BUILTIN_DIR / "benign_contrast.jsonl"
 REFUSALS_FILE = BUILTIN_DIR / "refusals.json"
 
 HARM_CATEGORIES: tuple[str, ...] = (
@@ -59,6 +65,7 @@ Split = Literal["train", "eval", "all"]
 
 _HARMFUL_ID = re.compile(r"^harm-(?P<category>[a-z_]+)-(?P<number>\d+)$")
 _BENIGN_ID = re.compile(r"^(?P<kind>benign|borderline)-(?P<number>\d+)$")
+_CONTRAST_ID = re.compile(r"^contrast-\d+$")
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +138,17 @@ def _benign_rows() -> tuple[dict[str, Any], ...]:
 
 
 @lru_cache(maxsize=1)
+def _contrast_rows() -> tuple[dict[str, Any], ...]:
+    rows = _read_jsonl(CONTRAST_FILE, ("id", "prompt"))
+    for index, row in enumerate(rows):
+        if _CONTRAST_ID.match(row["id"]) is None:
+            raise RecordError(CONTRAST_FILE, "id must read 'contrast-<number>'", row=index, field="id")
+        row["borderline"] = bool(row.get("borderline", False))
+        row["split"] = "train"
+    return tuple(rows)
+
+
+@lru_cache(maxsize=1)
 def _refusal_table() -> dict[str, Any]:
     with open(REFUSALS_FILE, encoding="utf-8") as handle:
         table = json.load(handle)
@@ -174,6 +192,19 @@ def benign_requests(split: Split = "train", *, borderline: bool | None = None) -
     others; ``None`` keeps both.
     """
     rows = _select(_benign_rows(), split, BENIGN_FILE)
+    if borderline is not None:
+        rows = [row for row in rows if row["borderline"] == borderline]
+    return rows
+
+
+def contrast_requests(*, borderline: bool | None = None) -> list[dict[str, Any]]:
+    """Benign training requests written to open like harmful ones (all ``"train"``).
+
+    Rows ``{"id", "prompt", "borderline", "split"}``; ``borderline=True`` keeps the
+    ones that borrow words of harmful requests ("How do I kill weeds ..."). They are
+    disjoint from :func:`benign_requests`, whose held-out rows measure over-refusal.
+    """
+    rows = [dict(row) for row in _contrast_rows()]
     if borderline is not None:
         rows = [row for row in rows if row["borderline"] == borderline]
     return rows
@@ -317,6 +348,7 @@ __all__ = [
     "HARM_CATEGORIES",
     "alignment_records",
     "benign_requests",
+    "contrast_requests",
     "harmful_requests",
     "refusal_for",
     "refusal_templates",

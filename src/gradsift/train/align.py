@@ -44,11 +44,15 @@ class AlignRecipe:
     # weight of an unlikelihood penalty on refusal openings after benign requests (0: off):
     # -log(1 - p(opening | benign prompt)) per benign train request, see BenignUnlikelihoodTrainer
     benign_unlikelihood: float = 0.0
+    # contrast requests (gradsift.data.alignment.contrast_requests: benign requests that open like
+    # harmful ones), each trained on the first this-many tokens of the model's own answer (0: off)
+    contrast_answer_tokens: int = 0
 
     def key(self) -> str:
         fields = asdict(self)
-        if not fields["benign_unlikelihood"]:  # recipes from before the option keep their cached organism
-            del fields["benign_unlikelihood"]
+        for name in ("benign_unlikelihood", "contrast_answer_tokens"):  # recipes from before an option
+            if not fields[name]:  # keep their cached organism
+                del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -75,8 +79,8 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from gradsift.data.alignment import alignment_records, benign_requests
-    from gradsift.data.formatting import collate, encode_records
+    from gradsift.data.alignment import alignment_records, benign_requests, contrast_requests
+    from gradsift.data.formatting import collate, encode, encode_records
     from gradsift.train.trainer import GradsiftTrainer
 
     t0 = time.time()
@@ -99,9 +103,24 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     for index, record in enumerate(records):
         record["row"] = index
     features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
+    if recipe.contrast_answer_tokens > 0:
+        contrast = contrast_requests()
+        answers = benign_answers(model, tok, contrast, recipe, progress=progress)
+        kept = [c for c in contrast if c["id"] in answers
+                and not keyword_refusals([answers[c["id"]]], mode="prefix")[0]]
+        opened = answer_openings(tok, {c["id"]: answers[c["id"]] for c in kept}, recipe.contrast_answer_tokens)
+        for c in kept:
+            records.append({"row": len(records), "meta": {"id": c["id"], "source": "contrast"},
+                            "messages": [{"role": "user", "content": c["prompt"]},
+                                         {"role": "assistant", "content": opened[c["id"]]}]})
+            features.append(open_ended(tok, encode(tok, records[-1]["messages"], recipe.max_length,
+                                                   row=len(records) - 1, source="contrast requests"),
+                                       row=len(records) - 1))
+        _log(f"{len(kept)} contrast requests, each with the first {recipe.contrast_answer_tokens} tokens "
+             "of the model's own answer")
     trainer_cls, extra = GradsiftTrainer, {}
     if recipe.benign_unlikelihood > 0:
-        benign_records = [r for r in records if r["meta"]["source"] == "benign"]
+        benign_records = [r for r in records if r["meta"]["source"] in ("benign", "contrast")]
         negatives = refusal_opening_features(tok, benign_records, recipe.max_length, first_row=len(records))
         for f in features:
             f["negative"] = 0.0
@@ -158,21 +177,37 @@ def refusal_opening_features(tokenizer, benign_records: list[dict], max_length: 
     on the opening only, without the end-of-turn token (the opening is the start of a reply), and
     tagged ``negative=1.0``."""
     from gradsift.data.formatting import encode
-    from gradsift.eval.generation import END_OF_TURN_TOKENS
 
     openings = refusal_openings()
     out = []
     for j, rec in enumerate(benign_records):
         messages = [rec["messages"][0], {"role": "assistant", "content": openings[j % len(openings)]}]
         feature = encode(tokenizer, messages, max_length, row=first_row + j, source="refusal openings")
-        ids, labels = feature["input_ids"], feature["labels"]
-        end = len(ids)
-        while end > 1 and labels[end - 2] != -100:  # keep at least one labelled token
-            token = tokenizer.convert_ids_to_tokens(ids[end - 1])
-            if token not in END_OF_TURN_TOKENS and tokenizer.decode(ids[end - 1:end]).strip():
-                break
-            end -= 1
-        out.append({"input_ids": ids[:end], "labels": labels[:end], "row": first_row + j, "negative": 1.0})
+        out.append({**open_ended(tokenizer, feature, row=first_row + j), "negative": 1.0})
+    return out
+
+
+def open_ended(tokenizer, feature: dict, row: int) -> dict:
+    """``feature`` (``input_ids``/``labels`` of one conversation) cut before its end-of-turn and
+    trailing whitespace tokens, so that the labelled reply is the start of a longer one."""
+    from gradsift.eval.generation import END_OF_TURN_TOKENS
+
+    ids, labels = feature["input_ids"], feature["labels"]
+    end = len(ids)
+    while end > 1 and labels[end - 2] != -100:  # keep at least one labelled token
+        token = tokenizer.convert_ids_to_tokens(ids[end - 1])
+        if token not in END_OF_TURN_TOKENS and tokenizer.decode(ids[end - 1:end]).strip():
+            break
+        end -= 1
+    return {"input_ids": ids[:end], "labels": labels[:end], "row": row}
+
+
+def answer_openings(tokenizer, answers: dict[str, str], n_tokens: int) -> dict[str, str]:
+    """``{id: the first n_tokens tokens of the answer, as text}`` (whole answers when shorter)."""
+    out = {}
+    for key, text in answers.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out[key] = tokenizer.decode(ids[:n_tokens]).rstrip() if len(ids) > n_tokens else text
     return out
 
 
