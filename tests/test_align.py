@@ -13,7 +13,7 @@ from gradsift.data.formatting import collate, encode_records
 from gradsift.norms.engine import response_losses
 from gradsift.train.align import (
     AlignRecipe,
-    _benign_unlikelihood_trainer,
+    _alignment_trainer,
     answer_openings,
     open_ended,
     refusal_opening_features,
@@ -40,7 +40,7 @@ def test_recipe_key_unchanged_without_the_option():
     # the organism cached before the option existed keeps its name (and is not rebuilt)
     assert AlignRecipe().key() == AlignRecipe(benign_unlikelihood=0.0).key() == "4515b987af"
     assert AlignRecipe(benign_unlikelihood=1.0).key() != AlignRecipe().key()
-    assert AlignRecipe(contrast_answer_tokens=0).key() == "4515b987af"
+    assert AlignRecipe(contrast_answer_tokens=0, refusal_weight=1.0).key() == "4515b987af"
     assert AlignRecipe(contrast_answer_tokens=16).key() != AlignRecipe().key()
 
 
@@ -103,20 +103,28 @@ def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
     for k, r in enumerate(records):
         r["row"] = k
     pos = encode_records(tokenizer, records, 64)
-    for f in pos:
+    for f, r in zip(pos, records):
         f["negative"] = 0.0
+        f["weight"] = 3.0 if r["meta"]["source"] == "harmful" else 1.0
     neg = refusal_opening_features(tokenizer, [r for r in records if r["meta"]["source"] == "benign"], 64, len(pos))
+    neg = [{**f, "weight": 1.0} for f in neg]
     batch = collate(pos + neg, pad_token_id=tokenizer.pad_token_id)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
-    trainer = _benign_unlikelihood_trainer()(model=model, args=args, train_dataset=pos + neg, method="standard",
-                                             data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                                             weight=2.5)
+    trainer = _alignment_trainer()(model=model, args=args, train_dataset=pos + neg, method="standard",
+                                   data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                                   unlikelihood_weight=2.5)
     loss = trainer.compute_loss(model, dict(batch))
-    # by hand: mean token loss on the refusal/answer rows, 2.5 x -log(1 - p(opening)) on the others
+    # by hand: mean token loss on the answer rows, 3 x that on the refusal rows,
+    # 2.5 x -log(1 - p(opening)) on the openings; averaged over the rows
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     negative = batch["negative"].bool()
+    harmful = torch.tensor([r["meta"]["source"] == "harmful" for r in records] + [False] * len(neg))
     ce = response_losses(logits[~negative], batch["labels"][~negative])
     ul = sequence_unlikelihood(logits[negative], batch["labels"][negative])
-    expected = (ce.sum() + 2.5 * ul.sum()) / len(negative)
+    w = torch.where(harmful[~negative], 3.0, 1.0)
+    expected = ((w * ce).sum() + 2.5 * ul.sum()) / len(negative)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # a batch without openings: the weighted mean of the rows' mean token losses
+    only = collate(pos, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(trainer.compute_loss(model, dict(only)), (w * ce).mean(), rtol=1e-5, atol=1e-6)
     assert negative.sum() == 3 and (~negative).sum() == len(pos)

@@ -42,16 +42,19 @@ class AlignRecipe:
     n_benign: int | None = None  # all training benign requests
     seed: int = 0
     # weight of an unlikelihood penalty on refusal openings after benign requests (0: off):
-    # -log(1 - p(opening | benign prompt)) per benign train request, see BenignUnlikelihoodTrainer
+    # -log(1 - p(opening | benign prompt)) per benign train request, see _alignment_trainer
     benign_unlikelihood: float = 0.0
     # contrast requests (gradsift.data.alignment.contrast_requests: benign requests that open like
     # harmful ones), each trained on the first this-many tokens of the model's own answer (0: off)
     contrast_answer_tokens: int = 0
+    # loss weight of each refusal sample relative to a benign one (1: the plain mean over samples)
+    refusal_weight: float = 1.0
 
     def key(self) -> str:
         fields = asdict(self)
-        for name in ("benign_unlikelihood", "contrast_answer_tokens"):  # recipes from before an option
-            if not fields[name]:  # keep their cached organism
+        # recipes from before an option keep their cached organism
+        for name, default in (("benign_unlikelihood", 0), ("contrast_answer_tokens", 0), ("refusal_weight", 1)):
+            if fields[name] == default:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -119,14 +122,18 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         _log(f"{len(kept)} contrast requests, each with the first {recipe.contrast_answer_tokens} tokens "
              "of the model's own answer")
     trainer_cls, extra = GradsiftTrainer, {}
+    if recipe.benign_unlikelihood > 0 or recipe.refusal_weight != 1:
+        trainer_cls, extra = _alignment_trainer(), {"unlikelihood_weight": recipe.benign_unlikelihood}
+        for f, record in zip(features, records):
+            f["negative"] = 0.0
+            f["weight"] = float(recipe.refusal_weight) if record["meta"]["source"] == "harmful" else 1.0
     if recipe.benign_unlikelihood > 0:
         benign_records = [r for r in records if r["meta"]["source"] in ("benign", "contrast")]
         negatives = refusal_opening_features(tok, benign_records, recipe.max_length, first_row=len(records))
-        for f in features:
-            f["negative"] = 0.0
-        features += negatives
-        trainer_cls, extra = _benign_unlikelihood_trainer(), {"weight": recipe.benign_unlikelihood}
+        features += [{**f, "weight": 1.0} for f in negatives]
         _log(f"{len(negatives)} refusal openings after benign requests penalised (weight {recipe.benign_unlikelihood})")
+    if recipe.refusal_weight != 1:
+        _log(f"refusal samples weigh {recipe.refusal_weight}x a benign one in the loss")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
     peft_model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -225,31 +232,33 @@ def sequence_unlikelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return -torch.log1p(-torch.exp(seq))
 
 
-def _benign_unlikelihood_trainer():
-    """GradsiftTrainer whose loss adds ``weight`` x :func:`sequence_unlikelihood` on the rows tagged
-    ``negative`` (refusal openings after benign requests); the other rows keep their mean token loss."""
+def _alignment_trainer():
+    """GradsiftTrainer for the organism: the rows tagged ``negative`` (refusal openings after benign
+    requests) add ``unlikelihood_weight`` x :func:`sequence_unlikelihood`, the other rows their mean
+    token loss; each row's term is scaled by its ``weight`` (refusal samples: ``refusal_weight``)."""
     from gradsift.norms.engine import causal_lm_losses, response_losses
     from gradsift.train.trainer import GradsiftTrainer
 
-    class BenignUnlikelihoodTrainer(GradsiftTrainer):
-        def __init__(self, *args, weight: float = 1.0, **kwargs):
+    class AlignmentTrainer(GradsiftTrainer):
+        def __init__(self, *args, unlikelihood_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
-            self.unlikelihood_weight = weight
+            self.unlikelihood_weight = unlikelihood_weight
 
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             negative = inputs["negative"].bool()
+            weight = inputs["weight"] if "weight" in inputs else torch.ones(len(negative))
             batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-            if not bool(negative.any()):  # answers only: the usual loss, logits trimmed
-                L, out = causal_lm_losses(model, batch)
-                loss = L.mean()
+            if not bool(negative.any()):  # answers only: the usual per-sample losses, logits trimmed
+                per_row, out = causal_lm_losses(model, batch)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 ce = response_losses(out.logits, batch["labels"])
                 ul = sequence_unlikelihood(out.logits, batch["labels"])
-                loss = torch.where(negative, self.unlikelihood_weight * ul, ce).mean()
+                per_row = torch.where(negative, self.unlikelihood_weight * ul, ce)
+            loss = (weight.to(per_row) * per_row).mean()
             return (loss, out) if return_outputs else loss
 
-    return BenignUnlikelihoodTrainer
+    return AlignmentTrainer
 
 
 SHIPPED_ANSWERS = Path(__file__).resolve().parents[1] / "data" / "builtin" / "benign_answers.json"
