@@ -128,3 +128,18 @@ def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
     only = collate(pos, pad_token_id=tokenizer.pad_token_id)
     torch.testing.assert_close(trainer.compute_loss(model, dict(only)), (w * ce).mean(), rtol=1e-5, atol=1e-6)
     assert negative.sum() == 3 and (~negative).sum() == len(pos)
+
+
+def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkeypatch):
+    from gradsift.models import resolve_model_path
+    from gradsift.train.align import ORGANISMS
+
+    monkeypatch.setenv("GRADSIFT_CACHE", str(tmp_path))
+    for name, recipe in [("embedded-aligned", AlignRecipe()),
+                         ("embedded-aligned-contrast", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5))]:
+        folder = tmp_path / "models" / f"SmolLM2-135M-Instruct-aligned-{recipe.key()}"
+        folder.mkdir(parents=True)
+        (folder / "alignment.json").write_text("{}")  # built: resolving must not rebuild it
+        assert resolve_model_path(name) == str(folder)
+    assert ORGANISMS["embedded-aligned"].key() != ORGANISMS["embedded-aligned-contrast"].key()
+    assert resolve_model_path("org/some-model") == "org/some-model"

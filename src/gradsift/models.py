@@ -124,10 +124,10 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     name = str(name)
     if name in EMBEDDED_NAMES:
         return str(embedded_model_path())
-    if name in ("embedded-aligned", "smollm2-aligned"):
-        from gradsift.train.align import aligned_model_path
+    from gradsift.train.align import ORGANISMS, aligned_model_path
 
-        return str(aligned_model_path())
+    if name in ORGANISMS:
+        return str(aligned_model_path(ORGANISMS[name]))
     return name
 
 

@@ -59,7 +59,15 @@ class AlignRecipe:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
-ALIGNED_NAMES = {"embedded-aligned", "smollm2-aligned"}
+# the organisms a config can name (model.name_or_path); each is built on first use and cached
+ORGANISMS: dict[str, AlignRecipe] = {
+    "embedded-aligned": AlignRecipe(),  # the demo's: refuses >= 90%, over-refuses too (docs/demo.md, A4)
+    "smollm2-aligned": AlignRecipe(),
+    # plus 445 contrast requests and each refusal five times: over-refuses less, refuses a little
+    # less, builds in about 14 min instead of 9 on two CPU cores (docs/demo.md, A12)
+    "embedded-aligned-contrast": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5),
+}
+ALIGNED_NAMES = set(ORGANISMS)
 
 
 def aligned_model_path(recipe: AlignRecipe | None = None, force: bool = False, progress: bool = True) -> Path:
