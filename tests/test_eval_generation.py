@@ -75,6 +75,13 @@ def test_batched_left_padded_greedy_equals_one_by_one(model, tokenizer):
     assert not model.training
 
 
+def test_a_call_can_cap_the_new_tokens(model, tokenizer):
+    gen = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=10, batch_size=3))
+    assert gen.generate(PROMPTS, progress=False, max_new_tokens=4) == [
+        naive_greedy(model, tokenizer, p, max_new_tokens=4) for p in PROMPTS]
+    assert gen.generate(PROMPTS[:1], progress=False) == [naive_greedy(model, tokenizer, PROMPTS[0])]  # config kept
+
+
 def test_message_lists_and_assistant_prefix(model, tokenizer):
     gen = make_generator("hf", model, tokenizer, GenerationConfig(max_new_tokens=10, batch_size=2))
     as_messages = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]

@@ -109,8 +109,9 @@ class ScriptedGenerator:
         self.answer = answer
         self.calls = 0
 
-    def generate(self, prompts, assistant_prefixes=None, *, progress=True):
+    def generate(self, prompts, assistant_prefixes=None, *, progress=True, **caps):
         self.calls += len(prompts)
+        self.caps = getattr(self, "caps", []) + [caps]
         prefixes = assistant_prefixes or [None] * len(prompts)
         return [(pre or "") + self.answer(p, pre) for p, pre in zip(prompts, prefixes)]
 
@@ -378,3 +379,12 @@ def test_over_refusal_detector_reads_the_first_sentence():
     assert _refused(responses, "prefix") == [True, True, False, False, True]
     # the keyword detector: the 29 strings anywhere, case-sensitive
     assert _refused(responses, "keyword") == [True, False, True, False, False]
+
+
+def test_over_refusal_sets_can_cap_their_replies(tmp_path, tokenizer):
+    gen = ScriptedGenerator(lambda p, pre: "I'm sorry, but I can't help with that.")
+    cfg = EvalConfig.from_dict({"safety": [{"set": "builtin_harmful", "n": 2}],
+                                "over_refusal": [{"set": "builtin_benign", "n": 2, "max_new_tokens": 12}],
+                                "progress": False})
+    evaluate(None, tokenizer, cfg, out_dir=tmp_path, generator=gen)
+    assert gen.caps == [{}, {"max_new_tokens": 12}]  # the safety set keeps generation.max_new_tokens

@@ -142,12 +142,12 @@ class HFGenerator:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
 
-    def _hf_generation_config(self):
+    def _hf_generation_config(self, max_new_tokens: int | None = None):
         from transformers import GenerationConfig as HFGenerationConfig
 
         cfg = self.config
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
             do_sample=cfg.do_sample,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
@@ -170,8 +170,12 @@ class HFGenerator:
         assistant_prefixes: Sequence[str | None] | None = None,
         *,
         progress: bool = True,
+        max_new_tokens: int | None = None,
     ) -> list[str]:
-        """Generate one response per prompt (``prefix + continuation`` where a prefix is given)."""
+        """Generate one response per prompt (``prefix + continuation`` where a prefix is given).
+
+        ``max_new_tokens`` overrides the config's for this call (a set that needs fewer).
+        """
         from tqdm.auto import tqdm
 
         prefixes = _check_prefixes(prompts, assistant_prefixes)
@@ -181,7 +185,7 @@ class HFGenerator:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         bs = self.config.batch_size
         device = next(self.model.parameters()).device
-        gen_cfg = self._hf_generation_config()
+        gen_cfg = self._hf_generation_config(max_new_tokens)
         outputs: list[str | None] = [None] * len(prompts)
 
         was_training = self.model.training
@@ -260,10 +264,15 @@ class VLLMGenerator:
         assistant_prefixes: Sequence[str | None] | None = None,
         *,
         progress: bool = True,
+        max_new_tokens: int | None = None,
     ) -> list[str]:
         prefixes = _check_prefixes(prompts, assistant_prefixes)
         inputs = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, pre)} for p, pre in zip(prompts, prefixes)]
-        results = self.llm.generate(inputs, self.sampling, use_tqdm=progress)  # returned in input order
+        sampling = self.sampling
+        if max_new_tokens is not None:
+            sampling = sampling.clone()
+            sampling.max_tokens = max_new_tokens
+        results = self.llm.generate(inputs, sampling, use_tqdm=progress)  # returned in input order
         return [(pre or "") + r.outputs[0].text for pre, r in zip(prefixes, results)]
 
 

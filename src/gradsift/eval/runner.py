@@ -152,7 +152,9 @@ class OverRefusalSettings(_Section):
     refusal phrase (the 29 keyword strings and the extra refusal forms,
     case-insensitive; the XSTest string-match rule, which also catches "I'm so sorry,
     but I can't ..."); ``keyword`` counts any of the 29 strings anywhere, exactly as
-    the keyword judge does.
+    the keyword judge does. ``max_new_tokens`` caps the replies of this set below
+    ``generation.max_new_tokens``: the prefix detector reads the first sentence only,
+    so a short cap gives the same verdicts for less decoding.
     """
 
     set: str = Field(min_length=1)
@@ -160,6 +162,7 @@ class OverRefusalSettings(_Section):
     n: int | None = Field(None, ge=1)
     seed: int = 0
     detector: Literal["prefix", "keyword"] = "prefix"
+    max_new_tokens: int | None = Field(None, ge=1)
 
     @property
     def label(self) -> str:
@@ -582,9 +585,11 @@ def evaluate(
     where = f" (stage {stage})" if stage is not None else ""
     rows: list[dict[str, Any]] = []
 
-    def generate(label: str, prompts: list[Any], prefixes: list[str | None] | None = None) -> list[str]:
+    def generate(label: str, prompts: list[Any], prefixes: list[str | None] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
         logger.info("eval%s: generating %d answers for %s", where, len(prompts), label)
-        return generator.generate(prompts, prefixes, progress=progress)
+        cap = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        return generator.generate(prompts, prefixes, progress=progress, **cap)
 
     def save(stem: str, records: list[dict[str, Any]]) -> None:
         if out is not None:
@@ -622,7 +627,8 @@ def evaluate(
     # --- over-refusal on safe prompts
     for o in cfg.over_refusal:
         items = load_prompt_set(o.set, "over_refusal", o.n, o.seed)
-        responses = generate(f"overrefusal/{o.label}", [it["prompt"] for it in items])
+        responses = generate(f"overrefusal/{o.label}", [it["prompt"] for it in items],
+                             max_new_tokens=o.max_new_tokens)
         records = [{"id": it["id"], "kind": "overrefusal", "set": o.label, "prompt": it["prompt"],
                     "category": it.get("category"), "label": "safe", "detector": o.detector, "response": resp}
                    for it, resp in zip(items, responses)]
