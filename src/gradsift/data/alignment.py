@@ -24,9 +24,10 @@ Fixed split rule (stable when rows are appended):
 * a plain benign request is held out when its number is a multiple of 4; every
   borderline prompt is held out (they are only used to measure over-refusal).
 
-The benign *responses* are not shipped: the model writes them itself before it is
-aligned (so alignment keeps its own style) and they are passed to
-:func:`alignment_records` as ``model_responses``.
+The benign *responses* are the model's own, written before it is aligned (so
+alignment keeps its style); they are passed to :func:`alignment_records` as
+``model_responses``. The embedded model's answers ship beside these files
+(``benign_answers.json``, see ``gradsift.train.align.shipped_benign_answers``).
 """
 
 from __future__ import annotations
