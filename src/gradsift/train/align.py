@@ -117,8 +117,9 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     if recipe.contrast_answer_tokens > 0:
         contrast = contrast_requests()
         answers = benign_answers(model, tok, contrast, recipe, progress=progress)
-        kept = [c for c in contrast if c["id"] in answers
-                and not keyword_refusals([answers[c["id"]]], mode="prefix")[0]]
+        contrast = [c for c in contrast if c["id"] in answers]
+        refused = keyword_refusals([answers[c["id"]] for c in contrast], mode="prefix")  # left out, as above
+        kept = [c for c, r in zip(contrast, refused) if not r]
         opened = answer_openings(tok, {c["id"]: answers[c["id"]] for c in kept}, recipe.contrast_answer_tokens)
         for c in kept:
             records.append({"row": len(records), "meta": {"id": c["id"], "source": "contrast"},
