@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -15,6 +16,7 @@ from gradsift.train.align import (
     AlignRecipe,
     _alignment_trainer,
     answer_openings,
+    decision_weighted_losses,
     open_ended,
     refusal_opening_features,
     refusal_openings,
@@ -42,6 +44,12 @@ def test_recipe_key_unchanged_without_the_option():
     assert AlignRecipe(benign_unlikelihood=1.0).key() != AlignRecipe().key()
     assert AlignRecipe(contrast_answer_tokens=0, refusal_weight=1.0).key() == "4515b987af"
     assert AlignRecipe(contrast_answer_tokens=16).key() != AlignRecipe().key()
+    legacy = dict(extra_harmful=0, n_contrast=450, decision_weight=1.0)
+    assert AlignRecipe(**legacy).key() == "4515b987af"
+    contrast = AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5)
+    assert contrast.key() == AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5, **legacy).key() == "0ce4da3ede"
+    for option in (dict(extra_harmful=400), dict(n_contrast=900), dict(decision_weight=10.0)):
+        assert AlignRecipe(**option).key() != AlignRecipe().key()
 
 
 def test_contrast_requests_are_benign_training_prompts_apart_from_the_evaluation_sets():
@@ -130,6 +138,53 @@ def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
     assert negative.sum() == 3 and (~negative).sum() == len(pos)
 
 
+def test_decision_weighted_losses_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:6] = torch.tensor([1, 2, 3, 4])
+    labels[1, 5:7] = torch.tensor([5, 6])
+    labels[2, 1:7] = torch.tensor([7, 8, 9, 10, 0, 1])
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = []
+    for b in range(3):
+        toks = [(t, int(labels[b, t])) for t in range(1, 7) if labels[b, t] != -100]
+        ce = [-logp[b, t - 1, y] for t, y in toks]  # token t is predicted at t - 1
+        expected.append((4.0 * ce[0] + sum(ce[1:])) / (4.0 + len(ce) - 1))
+    torch.testing.assert_close(decision_weighted_losses(logits, labels, 4.0), torch.stack(expected))
+    torch.testing.assert_close(decision_weighted_losses(logits, labels, 1.0), response_losses(logits, labels))
+    from gradsift.norms.engine import loss_positions
+
+    positions = loss_positions(labels)  # the logits of those positions only, as a trimmed forward gives
+    torch.testing.assert_close(decision_weighted_losses(logits[:, positions], labels, 4.0, positions),
+                               torch.stack(expected))
+
+
+def test_trainer_weighs_the_first_reply_token(tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
+    ids = [b["id"] for b in benign_requests("train")[:3]]
+    records = alignment_records({i: "Here is how it works." for i in ids}, n_harmful=3, seed=0)
+    features = encode_records(tokenizer, [{**r, "row": k} for k, r in enumerate(records)], 64)
+    for f, r in zip(features, records):
+        f["negative"], f["weight"] = 0.0, 2.0 if r["meta"]["source"] == "harmful" else 1.0
+    batch = collate(features, pad_token_id=tokenizer.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
+    trainer = _alignment_trainer()(model=model, args=args, train_dataset=features, method="standard",
+                                   data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                                   decision_weight=5.0)
+    loss = trainer.compute_loss(model, dict(batch))
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    rows = []
+    for b, f in enumerate(features):  # by hand, from the unpadded labels
+        ce = [-logp[b, t - 1, y] for t, y in enumerate(f["labels"]) if y != -100]
+        rows.append(f["weight"] * (5.0 * ce[0] + sum(ce[1:])) / (5.0 + len(ce) - 1))
+    torch.testing.assert_close(loss, torch.stack(rows).mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkeypatch):
     from gradsift.models import resolve_model_path
     from gradsift.train.align import ORGANISMS
@@ -143,3 +198,39 @@ def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkey
         assert resolve_model_path(name) == str(folder)
     assert ORGANISMS["embedded-aligned"].key() != ORGANISMS["embedded-aligned-contrast"].key()
     assert resolve_model_path("org/some-model") == "org/some-model"
+
+
+def _words(prompt: str) -> set[str]:
+    return set("".join(c if c.isalnum() or c == "'" else " " for c in prompt.lower()).split())
+
+
+def test_extra_harmful_requests_train_only_and_apart_from_the_held_out_ones():
+    from collections import Counter
+
+    from gradsift.data.alignment import HARM_CATEGORIES, extra_harmful_requests, harmful_requests
+
+    rows = extra_harmful_requests()
+    assert len(rows) >= 300 and all(r["split"] == "train" for r in rows)
+    counts = Counter(r["category"] for r in rows)
+    assert set(counts) == set(HARM_CATEGORIES) and min(counts.values()) >= 30
+    held_out = [_words(r["prompt"]) for r in harmful_requests("eval") + benign_requests("eval")]
+    for row in rows:  # no held-out prompt, nor a near copy of one (word-set Jaccard)
+        words = _words(row["prompt"])
+        assert max(len(words & o) / len(words | o) for o in held_out) < 0.5, row["prompt"]
+    # worded many ways: no two-word opening covers more than a fifth of them
+    openings = Counter(" ".join(r["prompt"].split()[:2]) for r in rows)
+    assert len(openings) >= 40 and max(openings.values()) <= len(rows) // 5
+
+
+def test_alignment_records_take_extra_harmful_requests_round_robin():
+    plain = alignment_records(None, seed=3)
+    more = alignment_records(None, seed=3, extra_harmful=20)
+    extra = [r for r in more if r["meta"]["id"].startswith("extra-")]
+    assert len(more) == len(plain) + 20 and len(extra) == 20
+    assert {r["meta"]["id"] for r in plain} <= {r["meta"]["id"] for r in more}
+    from collections import Counter
+
+    assert set(Counter(r["meta"]["category"] for r in extra).values()) == {2}  # two per category
+    assert all(r["meta"]["source"] == "harmful" and r["messages"][1]["content"] for r in extra)
+    with pytest.raises(ValueError, match="extra_harmful"):
+        alignment_records(None, extra_harmful=10_000)

@@ -14,6 +14,11 @@ instructions. Everything here ships with the package, in ``data/builtin/``:
   words harmful requests use ("How do I kill weeds ..."), tagged ``borderline`` like
   the evaluation set's. They teach the model to decide on a request's content, not
   on its opening words (see :func:`contrast_requests`); never held out.
+* ``harmful_extra.jsonl``: more harmful *training* requests, rows like the first
+  file's with ids ``extra-<category>-<NNN>``, worded in many more ways (questions,
+  role-play pretexts, first-person stories, long requests). Never held out, so the
+  evaluation split above stays the same whatever is added here
+  (see :func:`extra_harmful_requests`).
 * ``refusals.json``: refusal templates, ``{topic}`` filled from the request's category,
   plus supportive templates used instead for self-harm requests.
 
@@ -47,6 +52,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 HARMFUL_FILE = BUILTIN_DIR / "harmful_requests.jsonl"
 BENIGN_FILE = BUILTIN_DIR / "benign_requests.jsonl"
 CONTRAST_FILE = BUILTIN_DIR / "benign_contrast.jsonl"
+EXTRA_HARMFUL_FILE = BUILTIN_DIR / "harmful_extra.jsonl"
 REFUSALS_FILE = BUILTIN_DIR / "refusals.json"
 
 HARM_CATEGORIES: tuple[str, ...] = (
@@ -65,6 +71,7 @@ HARM_CATEGORIES: tuple[str, ...] = (
 Split = Literal["train", "eval", "all"]
 
 _HARMFUL_ID = re.compile(r"^harm-(?P<category>[a-z_]+)-(?P<number>\d+)$")
+_EXTRA_HARMFUL_ID = re.compile(r"^extra-(?P<category>[a-z_]+)-\d+$")
 _BENIGN_ID = re.compile(r"^(?P<kind>benign|borderline)-(?P<number>\d+)$")
 _CONTRAST_ID = re.compile(r"^contrast-\d+$")
 
@@ -118,6 +125,18 @@ def _harmful_rows() -> tuple[dict[str, Any], ...]:
                 HARMFUL_FILE, f"id must read 'harm-{row['category']}-<number>'", row=index, field="id"
             )
         row["split"] = "eval" if int(match["number"]) % 3 == 0 else "train"
+    return tuple(rows)
+
+
+@lru_cache(maxsize=1)
+def _extra_harmful_rows() -> tuple[dict[str, Any], ...]:
+    rows = _read_jsonl(EXTRA_HARMFUL_FILE, ("id", "category", "prompt"))
+    for index, row in enumerate(rows):
+        match = _EXTRA_HARMFUL_ID.match(row["id"])
+        if row["category"] not in HARM_CATEGORIES or match is None or match["category"] != row["category"]:
+            raise RecordError(EXTRA_HARMFUL_FILE, f"id must read 'extra-<category>-<number>' with a category of "
+                              f"{list(HARM_CATEGORIES)}", row=index, field="id")
+        row["split"] = "train"
     return tuple(rows)
 
 
@@ -183,6 +202,16 @@ def harmful_requests(split: Split = "train") -> list[dict[str, Any]]:
     the attack success rate; ``"all"`` returns both, in file order.
     """
     return _select(_harmful_rows(), split, HARMFUL_FILE)
+
+
+def extra_harmful_requests() -> list[dict[str, Any]]:
+    """More harmful training requests (all ``"train"``), rows like :func:`harmful_requests`'.
+
+    Written to vary what a harmful request looks like (openings, pretexts, length), so
+    that the aligned model learns to refuse on the content; disjoint from the held-out
+    ``harmful_requests("eval")`` rows.
+    """
+    return [dict(row) for row in _extra_harmful_rows()]
 
 
 def benign_requests(split: Split = "train", *, borderline: bool | None = None) -> list[dict[str, Any]]:
@@ -277,6 +306,7 @@ def alignment_records(
     n_harmful: int | None = None,
     n_benign: int | None = None,
     seed: int = 0,
+    extra_harmful: int = 0,
 ) -> list[dict[str, Any]]:
     """The stage-0 alignment set: refusals to harmful requests mixed with benign answers.
 
@@ -288,6 +318,8 @@ def alignment_records(
             round-robin over the categories.
         n_benign: how many of the answered benign requests to include (default all).
         seed: picks the subsets, the refusal wording and the order.
+        extra_harmful: how many of :func:`extra_harmful_requests` to add, taken
+            round-robin over the categories (default none).
 
     Returns:
         Normalized records ``{"row", "messages": [user, assistant], "meta"}``, shuffled,
@@ -301,6 +333,11 @@ def alignment_records(
     if not 0 <= n_harmful <= len(harmful):
         raise ValueError(f"n_harmful must be in [0, {len(harmful)}] (harmful train requests), got {n_harmful}")
     chosen_harmful = _stratified(harmful, n_harmful, rng)
+    if extra_harmful:
+        extra = extra_harmful_requests()
+        if not 0 <= extra_harmful <= len(extra):
+            raise ValueError(f"extra_harmful must be in [0, {len(extra)}] (extra harmful requests), got {extra_harmful}")
+        chosen_harmful += _stratified(extra, extra_harmful, rng)
 
     benign_train = {row["id"]: row for row in benign_requests("train")}
     answered: list[tuple[dict[str, Any], str]] = []
@@ -350,6 +387,7 @@ __all__ = [
     "alignment_records",
     "benign_requests",
     "contrast_requests",
+    "extra_harmful_requests",
     "harmful_requests",
     "refusal_for",
     "refusal_templates",

@@ -49,11 +49,21 @@ class AlignRecipe:
     contrast_answer_tokens: int = 0
     # loss weight of each refusal sample relative to a benign one (1: the plain mean over samples)
     refusal_weight: float = 1.0
+    # more harmful requests (gradsift.data.alignment.extra_harmful_requests, train only), this many,
+    # round-robin over the categories; repeated like the others
+    extra_harmful: int = 0
+    # how many contrast requests (file order) when contrast_answer_tokens > 0
+    n_contrast: int = 450
+    # weight of each reply's first token (where the model decides to refuse or answer) in the
+    # reply's mean token loss, relative to the other tokens (1: the plain mean)
+    decision_weight: float = 1.0
 
     def key(self) -> str:
         fields = asdict(self)
         # recipes from before an option keep their cached organism
-        for name, default in (("benign_unlikelihood", 0), ("contrast_answer_tokens", 0), ("refusal_weight", 1)):
+        for name, default in (("benign_unlikelihood", 0), ("contrast_answer_tokens", 0), ("refusal_weight", 1),
+                              ("extra_harmful", 0), ("n_contrast", 450),
+                              ("decision_weight", 1)):
             if fields[name] == default:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
@@ -108,14 +118,16 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     ids = list(responses)
     flags = keyword_refusals([responses[i] for i in ids], mode="prefix")
     responses = {i: responses[i] for i, refused in zip(ids, flags) if not refused}
-    records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed)
+    records = alignment_records(responses, n_harmful=recipe.n_harmful, seed=recipe.seed,
+                                extra_harmful=recipe.extra_harmful)
     for extra in range(1, recipe.harmful_repeats):  # the same requests again, other refusal wordings
-        records += alignment_records(None, n_harmful=recipe.n_harmful, seed=recipe.seed + 1000 * extra)
+        records += alignment_records(None, n_harmful=recipe.n_harmful, seed=recipe.seed + 1000 * extra,
+                                     extra_harmful=recipe.extra_harmful)
     for index, record in enumerate(records):
         record["row"] = index
     features = encode_records(tok, records, recipe.max_length, source="builtin alignment data")
     if recipe.contrast_answer_tokens > 0:
-        contrast = contrast_requests()
+        contrast = contrast_requests()[: recipe.n_contrast]
         answers = benign_answers(model, tok, contrast, recipe, progress=progress)
         contrast = [c for c in contrast if c["id"] in answers]
         refused = keyword_refusals([answers[c["id"]] for c in contrast], mode="prefix")  # left out, as above
@@ -131,8 +143,9 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         _log(f"{len(kept)} contrast requests, each with the first {recipe.contrast_answer_tokens} tokens "
              "of the model's own answer")
     trainer_cls, extra = GradsiftTrainer, {}
-    if recipe.benign_unlikelihood > 0 or recipe.refusal_weight != 1:
-        trainer_cls, extra = _alignment_trainer(), {"unlikelihood_weight": recipe.benign_unlikelihood}
+    if recipe.benign_unlikelihood > 0 or recipe.refusal_weight != 1 or recipe.decision_weight != 1:
+        trainer_cls, extra = _alignment_trainer(), {"unlikelihood_weight": recipe.benign_unlikelihood,
+                                                    "decision_weight": recipe.decision_weight}
         for f, record in zip(features, records):
             f["negative"] = 0.0
             f["weight"] = float(recipe.refusal_weight) if record["meta"]["source"] == "harmful" else 1.0
@@ -141,6 +154,8 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         negatives = refusal_opening_features(tok, benign_records, recipe.max_length, first_row=len(records))
         features += [{**f, "weight": 1.0} for f in negatives]
         _log(f"{len(negatives)} refusal openings after benign requests penalised (weight {recipe.benign_unlikelihood})")
+    if recipe.decision_weight != 1:
+        _log(f"each reply's first token weighs {recipe.decision_weight}x its other tokens")
     if recipe.refusal_weight != 1:
         _log(f"refusal samples weigh {recipe.refusal_weight}x a benign one in the loss")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
@@ -156,11 +171,15 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     )
     trainer = trainer_cls(model=peft_model, args=args, train_dataset=features,
                           data_collator=partial(collate, pad_token_id=tok.pad_token_id), method="standard", **extra)
+    t_train = time.time()
     trainer.train()
     merged = trainer.model.merge_and_unload()
     merged.eval()
+    t_check = time.time()
     check = alignment_check(merged, tok, progress=progress)
-    check.update({"recipe": asdict(recipe), "n_train_samples": len(features), "build_seconds": time.time() - t0})
+    check.update({"recipe": asdict(recipe), "n_train_samples": len(features),
+                  "n_train_tokens": sum(len(f["input_ids"]) for f in features), "build_seconds": time.time() - t0,
+                  "phase_seconds": {"prepare": t_train - t0, "train": t_check - t_train, "check": time.time() - t_check}})
     tmp = target.with_name(target.name + ".tmp")
     merged.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -241,27 +260,53 @@ def sequence_unlikelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return -torch.log1p(-torch.exp(seq))
 
 
+def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decision_weight: float,
+                             positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample, the weighted mean token cross-entropy of the reply, its first labelled token
+    weighted ``decision_weight`` and the others 1 (``decision_weight=1``: ``response_losses``).
+
+    ``logits`` (B, T, V) as for a causal LM, or with ``positions`` only those positions (B, K, V),
+    as ``response_losses`` takes them.
+    """
+    if positions is None:
+        logits, target = logits[:, :-1], labels[:, 1:]
+    else:
+        target = labels[:, positions.to(labels.device) + 1]
+    mask = (target != -100).float()
+    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
+    first = mask * (mask.cumsum(dim=1) == 1)
+    w = mask + (decision_weight - 1.0) * first
+    return (w * ce).sum(dim=1) / w.sum(dim=1)
+
+
 def _alignment_trainer():
     """GradsiftTrainer for the organism: the rows tagged ``negative`` (refusal openings after benign
     requests) add ``unlikelihood_weight`` x :func:`sequence_unlikelihood`, the other rows their mean
-    token loss; each row's term is scaled by its ``weight`` (refusal samples: ``refusal_weight``)."""
-    from gradsift.norms.engine import causal_lm_losses, response_losses
+    token loss (:func:`decision_weighted_losses` with ``decision_weight``); each row's term is scaled
+    by its ``weight`` (refusal samples: ``refusal_weight``)."""
+    from gradsift.norms.engine import causal_lm_losses, loss_positions
     from gradsift.train.trainer import GradsiftTrainer
 
     class AlignmentTrainer(GradsiftTrainer):
-        def __init__(self, *args, unlikelihood_weight: float = 0.0, **kwargs):
+        def __init__(self, *args, unlikelihood_weight: float = 0.0, decision_weight: float = 1.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.unlikelihood_weight = unlikelihood_weight
+            self.decision_weight = decision_weight
 
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             negative = inputs["negative"].bool()
             weight = inputs["weight"] if "weight" in inputs else torch.ones(len(negative))
             batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-            if not bool(negative.any()):  # answers only: the usual per-sample losses, logits trimmed
+            if self.decision_weight != 1 and not bool(negative.any()):  # first reply token weighs more
+                positions = loss_positions(batch["labels"])  # logits where a reply token is predicted only
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=positions)
+                per_row = decision_weighted_losses(out.logits, batch["labels"], self.decision_weight, positions)
+            elif not bool(negative.any()):  # answers only: the usual per-sample losses, logits trimmed
                 per_row, out = causal_lm_losses(model, batch)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                ce = response_losses(out.logits, batch["labels"])
+                ce = decision_weighted_losses(out.logits, batch["labels"], self.decision_weight)
                 ul = sequence_unlikelihood(out.logits, batch["labels"])
                 per_row = torch.where(negative, self.unlikelihood_weight * ul, ce)
             loss = (weight.to(per_row) * per_row).mean()
