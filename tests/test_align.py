@@ -191,12 +191,14 @@ def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkey
 
     monkeypatch.setenv("GRADSIFT_CACHE", str(tmp_path))
     for name, recipe in [("embedded-aligned", AlignRecipe()),
-                         ("embedded-aligned-contrast", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5))]:
+                         ("embedded-aligned-contrast", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5)),
+                         ("embedded-aligned-balanced", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1,
+                                                                   extra_harmful=400, decision_weight=10.0))]:
         folder = tmp_path / "models" / f"SmolLM2-135M-Instruct-aligned-{recipe.key()}"
         folder.mkdir(parents=True)
         (folder / "alignment.json").write_text("{}")  # built: resolving must not rebuild it
         assert resolve_model_path(name) == str(folder)
-    assert ORGANISMS["embedded-aligned"].key() != ORGANISMS["embedded-aligned-contrast"].key()
+    assert len({recipe.key() for recipe in ORGANISMS.values()}) == len(ORGANISMS) - 1  # two names for A4
     assert resolve_model_path("org/some-model") == "org/some-model"
 
 

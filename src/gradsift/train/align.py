@@ -76,6 +76,10 @@ ORGANISMS: dict[str, AlignRecipe] = {
     # plus 445 contrast requests and each refusal five times: over-refuses less, refuses a little
     # less, builds in about 14 min instead of 9 on two CPU cores (docs/demo.md, A12)
     "embedded-aligned-contrast": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5),
+    # 540 harmful requests once, the contrast requests, each reply's first token weighted 10x:
+    # refuses >= 90% and over-refuses 14%, builds in about 14 min (docs/demo.md, A17)
+    "embedded-aligned-balanced": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400,
+                                             decision_weight=10.0),
 }
 ALIGNED_NAMES = set(ORGANISMS)
 
