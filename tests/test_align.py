@@ -100,14 +100,25 @@ def test_refusal_opening_features(tokenizer):
         assert benign[j]["messages"][0]["content"] in prompt
 
 
-def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
-    from transformers import TrainingArguments
-
+def _tiny_model_and_records(tokenizer, answer: str):
+    """A 2-layer Llama on the real tokenizer, and 3 refusal + 3 benign alignment records."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
     ids = [b["id"] for b in benign_requests("train")[:3]]
-    records = alignment_records({i: "Here is how." for i in ids}, n_harmful=3, seed=0)
+    return model, alignment_records({i: answer for i in ids}, n_harmful=3, seed=0)
+
+
+def _alignment_trainer_for(model, features, tokenizer, tmp_path, **options):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
+    return _alignment_trainer()(model=model, args=args, train_dataset=features, method="standard",
+                                data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id), **options)
+
+
+def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
+    model, records = _tiny_model_and_records(tokenizer, "Here is how.")
     for k, r in enumerate(records):
         r["row"] = k
     pos = encode_records(tokenizer, records, 64)
@@ -117,10 +128,7 @@ def test_unlikelihood_trainer_loss(tokenizer, tmp_path):
     neg = refusal_opening_features(tokenizer, [r for r in records if r["meta"]["source"] == "benign"], 64, len(pos))
     neg = [{**f, "weight": 1.0} for f in neg]
     batch = collate(pos + neg, pad_token_id=tokenizer.pad_token_id)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
-    trainer = _alignment_trainer()(model=model, args=args, train_dataset=pos + neg, method="standard",
-                                   data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                                   unlikelihood_weight=2.5)
+    trainer = _alignment_trainer_for(model, pos + neg, tokenizer, tmp_path, unlikelihood_weight=2.5)
     loss = trainer.compute_loss(model, dict(batch))
     # by hand: mean token loss on the answer rows, 3 x that on the refusal rows,
     # 2.5 x -log(1 - p(opening)) on the openings; averaged over the rows
@@ -161,21 +169,12 @@ def test_decision_weighted_losses_by_hand():
 
 
 def test_trainer_weighs_the_first_reply_token(tokenizer, tmp_path):
-    from transformers import TrainingArguments
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
-    ids = [b["id"] for b in benign_requests("train")[:3]]
-    records = alignment_records({i: "Here is how it works." for i in ids}, n_harmful=3, seed=0)
+    model, records = _tiny_model_and_records(tokenizer, "Here is how it works.")
     features = encode_records(tokenizer, [{**r, "row": k} for k, r in enumerate(records)], 64)
     for f, r in zip(features, records):
         f["negative"], f["weight"] = 0.0, 2.0 if r["meta"]["source"] == "harmful" else 1.0
     batch = collate(features, pad_token_id=tokenizer.pad_token_id)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
-    trainer = _alignment_trainer()(model=model, args=args, train_dataset=features, method="standard",
-                                   data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                                   decision_weight=5.0)
+    trainer = _alignment_trainer_for(model, features, tokenizer, tmp_path, decision_weight=5.0)
     loss = trainer.compute_loss(model, dict(batch))
     logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
     rows = []
