@@ -44,12 +44,15 @@ def test_recipe_key_unchanged_without_the_option():
     assert AlignRecipe(benign_unlikelihood=1.0).key() != AlignRecipe().key()
     assert AlignRecipe(contrast_answer_tokens=0, refusal_weight=1.0).key() == "4515b987af"
     assert AlignRecipe(contrast_answer_tokens=16).key() != AlignRecipe().key()
-    legacy = dict(extra_harmful=0, n_contrast=450, decision_weight=1.0)
+    legacy = dict(extra_harmful=0, n_contrast=450, decision_weight=1.0, refusal_decision_weight=None)
     assert AlignRecipe(**legacy).key() == "4515b987af"
     contrast = AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5)
     assert contrast.key() == AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5, **legacy).key() == "0ce4da3ede"
-    for option in (dict(extra_harmful=400), dict(n_contrast=900), dict(decision_weight=10.0)):
+    for option in (dict(extra_harmful=400), dict(n_contrast=900), dict(decision_weight=10.0),
+                   dict(refusal_decision_weight=1.0)):
         assert AlignRecipe(**option).key() != AlignRecipe().key()
+    balanced = dict(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400, decision_weight=10.0)
+    assert AlignRecipe(**balanced).key() == AlignRecipe(**balanced, refusal_decision_weight=None).key() == "8b58531a09"
 
 
 def test_contrast_requests_are_benign_training_prompts_apart_from_the_evaluation_sets():
@@ -166,6 +169,12 @@ def test_decision_weighted_losses_by_hand():
     positions = loss_positions(labels)  # the logits of those positions only, as a trimmed forward gives
     torch.testing.assert_close(decision_weighted_losses(logits[:, positions], labels, 4.0, positions),
                                torch.stack(expected))
+    # one weight per row: each row as computed alone with its own scalar weight
+    per_row = torch.tensor([4.0, 1.0, 7.0])
+    alone = torch.stack([decision_weighted_losses(logits[b:b + 1], labels[b:b + 1], float(per_row[b]))[0]
+                         for b in range(3)])
+    torch.testing.assert_close(decision_weighted_losses(logits, labels, per_row), alone)
+    torch.testing.assert_close(decision_weighted_losses(logits, labels, per_row)[0], expected[0])
 
 
 def test_trainer_weighs_the_first_reply_token(tokenizer, tmp_path):
@@ -182,6 +191,18 @@ def test_trainer_weighs_the_first_reply_token(tokenizer, tmp_path):
         ce = [-logp[b, t - 1, y] for t, y in enumerate(f["labels"]) if y != -100]
         rows.append(f["weight"] * (5.0 * ce[0] + sum(ce[1:])) / (5.0 + len(ce) - 1))
     torch.testing.assert_close(loss, torch.stack(rows).mean(), rtol=1e-5, atol=1e-6)
+    # a batch carrying each row's own first-token weight (refusals 1x, benign answers 5x)
+    for f, r in zip(features, records):
+        f["decision"] = 1.0 if r["meta"]["source"] == "harmful" else 5.0
+    batch = collate(features, pad_token_id=tokenizer.pad_token_id)
+    rows = []
+    for b, f in enumerate(features):
+        ce = [-logp[b, t - 1, y] for t, y in enumerate(f["labels"]) if y != -100]
+        d = f["decision"]
+        rows.append(f["weight"] * (d * ce[0] + sum(ce[1:])) / (d + len(ce) - 1))
+    assert {f["decision"] for f in features} == {1.0, 5.0}
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), torch.stack(rows).mean(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkeypatch):

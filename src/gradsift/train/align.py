@@ -57,13 +57,16 @@ class AlignRecipe:
     # weight of each reply's first token (where the model decides to refuse or answer) in the
     # reply's mean token loss, relative to the other tokens (1: the plain mean)
     decision_weight: float = 1.0
+    # the first-token weight in the refusal rows only (None: decision_weight), so that the decision
+    # to answer benign requests can be trained harder than the decision to refuse
+    refusal_decision_weight: float | None = None
 
     def key(self) -> str:
         fields = asdict(self)
         # recipes from before an option keep their cached organism
         for name, default in (("benign_unlikelihood", 0), ("contrast_answer_tokens", 0), ("refusal_weight", 1),
                               ("extra_harmful", 0), ("n_contrast", 450),
-                              ("decision_weight", 1)):
+                              ("decision_weight", 1), ("refusal_decision_weight", None)):
             if fields[name] == default:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
@@ -147,19 +150,25 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
         _log(f"{len(kept)} contrast requests, each with the first {recipe.contrast_answer_tokens} tokens "
              "of the model's own answer")
     trainer_cls, extra = GradsiftTrainer, {}
-    if recipe.benign_unlikelihood > 0 or recipe.refusal_weight != 1 or recipe.decision_weight != 1:
+    refusal_decision = recipe.decision_weight if recipe.refusal_decision_weight is None \
+        else recipe.refusal_decision_weight
+    if recipe.benign_unlikelihood > 0 or recipe.refusal_weight != 1 or recipe.decision_weight != 1 \
+            or refusal_decision != 1:
         trainer_cls, extra = _alignment_trainer(), {"unlikelihood_weight": recipe.benign_unlikelihood,
                                                     "decision_weight": recipe.decision_weight}
         for f, record in zip(features, records):
+            harmful = record["meta"]["source"] == "harmful"
             f["negative"] = 0.0
-            f["weight"] = float(recipe.refusal_weight) if record["meta"]["source"] == "harmful" else 1.0
+            f["weight"] = float(recipe.refusal_weight) if harmful else 1.0
+            f["decision"] = float(refusal_decision if harmful else recipe.decision_weight)
     if recipe.benign_unlikelihood > 0:
         benign_records = [r for r in records if r["meta"]["source"] in ("benign", "contrast")]
         negatives = refusal_opening_features(tok, benign_records, recipe.max_length, first_row=len(records))
-        features += [{**f, "weight": 1.0} for f in negatives]
+        features += [{**f, "weight": 1.0, "decision": 1.0} for f in negatives]
         _log(f"{len(negatives)} refusal openings after benign requests penalised (weight {recipe.benign_unlikelihood})")
-    if recipe.decision_weight != 1:
-        _log(f"each reply's first token weighs {recipe.decision_weight}x its other tokens")
+    if recipe.decision_weight != 1 or refusal_decision != recipe.decision_weight:
+        _log(f"each reply's first token weighs {recipe.decision_weight}x its other tokens"
+             + (f" ({refusal_decision}x in the refusals)" if refusal_decision != recipe.decision_weight else ""))
     if recipe.refusal_weight != 1:
         _log(f"refusal samples weigh {recipe.refusal_weight}x a benign one in the loss")
     _log(f"LoRA r={recipe.lora_r} on {len(features)} samples, {recipe.epochs} epochs, lr {recipe.lr}")
@@ -264,10 +273,11 @@ def sequence_unlikelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return -torch.log1p(-torch.exp(seq))
 
 
-def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decision_weight: float,
+def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decision_weight: float | torch.Tensor,
                              positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per sample, the weighted mean token cross-entropy of the reply, its first labelled token
-    weighted ``decision_weight`` and the others 1 (``decision_weight=1``: ``response_losses``).
+    weighted ``decision_weight`` and the others 1 (``decision_weight=1``: ``response_losses``);
+    a (B,) tensor gives each sample its own weight.
 
     ``logits`` (B, T, V) as for a causal LM, or with ``positions`` only those positions (B, K, V),
     as ``response_losses`` takes them.
@@ -279,6 +289,8 @@ def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decisio
     mask = (target != -100).float()
     ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
     first = mask * (mask.cumsum(dim=1) == 1)
+    if isinstance(decision_weight, torch.Tensor):
+        decision_weight = decision_weight.to(first).reshape(-1, 1)
     w = mask + (decision_weight - 1.0) * first
     return (w * ce).sum(dim=1) / w.sum(dim=1)
 
@@ -286,8 +298,9 @@ def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decisio
 def _alignment_trainer():
     """GradsiftTrainer for the organism: the rows tagged ``negative`` (refusal openings after benign
     requests) add ``unlikelihood_weight`` x :func:`sequence_unlikelihood`, the other rows their mean
-    token loss (:func:`decision_weighted_losses` with ``decision_weight``); each row's term is scaled
-    by its ``weight`` (refusal samples: ``refusal_weight``)."""
+    token loss (:func:`decision_weighted_losses` with ``decision_weight``, or the row's own
+    ``decision`` where the batch has one); each row's term is scaled by its ``weight`` (refusal
+    samples: ``refusal_weight``)."""
     from gradsift.norms.engine import causal_lm_losses, loss_positions
     from gradsift.train.trainer import GradsiftTrainer
 
@@ -300,17 +313,19 @@ def _alignment_trainer():
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             negative = inputs["negative"].bool()
             weight = inputs["weight"] if "weight" in inputs else torch.ones(len(negative))
+            decision = inputs["decision"] if "decision" in inputs else self.decision_weight
             batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-            if self.decision_weight != 1 and not bool(negative.any()):  # first reply token weighs more
+            weighted = bool((torch.as_tensor(decision) != 1).any())
+            if weighted and not bool(negative.any()):  # first reply token weighs more
                 positions = loss_positions(batch["labels"])  # logits where a reply token is predicted only
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             logits_to_keep=positions)
-                per_row = decision_weighted_losses(out.logits, batch["labels"], self.decision_weight, positions)
+                per_row = decision_weighted_losses(out.logits, batch["labels"], decision, positions)
             elif not bool(negative.any()):  # answers only: the usual per-sample losses, logits trimmed
                 per_row, out = causal_lm_losses(model, batch)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                ce = decision_weighted_losses(out.logits, batch["labels"], self.decision_weight)
+                ce = decision_weighted_losses(out.logits, batch["labels"], decision)
                 ul = sequence_unlikelihood(out.logits, batch["labels"])
                 per_row = torch.where(negative, self.unlikelihood_weight * ul, ce)
             loss = (weight.to(per_row) * per_row).mean()
