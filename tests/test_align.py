@@ -53,6 +53,7 @@ def test_recipe_key_unchanged_without_the_option():
         assert AlignRecipe(**option).key() != AlignRecipe().key()
     balanced = dict(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400, decision_weight=10.0)
     assert AlignRecipe(**balanced).key() == AlignRecipe(**balanced, refusal_decision_weight=None).key() == "8b58531a09"
+    assert AlignRecipe(**balanced, epochs=2).key() == "80b8367120"
 
 
 def test_contrast_requests_are_benign_training_prompts_apart_from_the_evaluation_sets():
@@ -213,7 +214,9 @@ def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkey
     for name, recipe in [("embedded-aligned", AlignRecipe()),
                          ("embedded-aligned-contrast", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=5)),
                          ("embedded-aligned-balanced", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1,
-                                                                   extra_harmful=400, decision_weight=10.0))]:
+                                                                   extra_harmful=400, decision_weight=10.0)),
+                         ("embedded-aligned-precise", AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1,
+                                                                  extra_harmful=400, decision_weight=10.0, epochs=2))]:
         folder = tmp_path / "models" / f"SmolLM2-135M-Instruct-aligned-{recipe.key()}"
         folder.mkdir(parents=True)
         (folder / "alignment.json").write_text("{}")  # built: resolving must not rebuild it

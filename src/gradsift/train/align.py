@@ -83,6 +83,10 @@ ORGANISMS: dict[str, AlignRecipe] = {
     # refuses >= 90% and over-refuses 14%, builds in about 14 min (docs/demo.md, A17)
     "embedded-aligned-balanced": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400,
                                              decision_weight=10.0),
+    # the same for two epochs: refuses >= 90% and over-refuses <= 10% (both targets), builds in about
+    # 25 min; the demo's fine-tuning barely erodes it (docs/demo.md, A20)
+    "embedded-aligned-precise": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400,
+                                            decision_weight=10.0, epochs=2),
 }
 ALIGNED_NAMES = set(ORGANISMS)
 
