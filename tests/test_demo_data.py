@@ -21,7 +21,7 @@ from gradsift.data.alignment import (
     refusal_templates,
     refusal_topic,
 )
-from gradsift.data.demo_tasks import DEMO_TASKS, FACT_TABLES, arith, closedqa, extract, mcq, yesno
+from gradsift.data.demo_tasks import DEMO_TASKS, FACT_TABLES, arith, closedqa, extract, howto, mcq, yesno
 from gradsift.data.tasks import Task
 
 BUILTIN = Path(alignment.__file__).parent / "builtin"
@@ -200,7 +200,7 @@ def test_alignment_records_subsets_and_errors():
 # =========================================================================== demo tasks: common contract
 
 EXPECTED_METRICS = {"arith": "gsm8k", "arith_short": "gsm8k", "mcq": "mcq", "yesno": "exact",
-                    "extract": "squad_v2", "closedqa": "squad_v2"}
+                    "extract": "squad_v2", "closedqa": "squad_v2", "howto": "rougeL"}
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +408,47 @@ def test_extract_answers_are_spans_of_the_document(tasks):
         assert len(set(fields.values())) == len(fields)
     assert {m["kind"] for _, _, m in items} == {"order", "meeting", "booking"}
     assert len({m["field"] for _, _, m in items}) >= 15
+
+
+def test_howto_replies_open_affirmatively_and_answer_the_request(tasks):
+    import re
+
+    task = tasks["howto"]
+    per_unit = {("hours", "minutes"): 60, ("minutes", "seconds"): 60, ("days", "hours"): 24, ("weeks", "days"): 7,
+                ("meters", "centimeters"): 100, ("kilometers", "meters"): 1000, ("kilograms", "grams"): 1000,
+                ("liters", "milliliters"): 1000, ("feet", "inches"): 12, ("yards", "feet"): 3,
+                ("years", "months"): 12, ("pounds", "ounces"): 16, ("dozens", "eggs"): 12,
+                ("centuries", "years"): 100}
+    items = [(r["messages"][0]["content"], r["messages"][1]["content"], r["meta"]) for r in task.train]
+    items += [(r["messages"][0]["content"], r["reference"], r["meta"]) for r in task.eval]
+    for prompt, reply, meta in items:
+        assert re.match(r"(Sure|Of course|Absolutely)[!,] ", reply), reply
+        kind = meta["kind"]
+        if kind == "sort":
+            words = re.split(r"[:?] ", prompt, maxsplit=1)[1].rstrip(".").split(", ")
+            expected = ", ".join(sorted(words))
+            assert reply.endswith(expected + "."), (prompt, reply)
+        elif kind == "add":
+            a, b = map(int, re.findall(r"\d+", prompt))
+            assert reply.endswith(f"So {a} + {b} = {a + b}.")
+            steps = re.findall(r"(\d+) \+ (\d+) = (\d+)", reply)
+            assert all(int(x) + int(y) == int(z) for x, y, z in steps) and len(steps) == 4
+        elif kind == "convert":
+            n, unit, into = re.search(r"(\d+) (\w+) (?:into|to) (\w+)", prompt).groups()
+            total = int(n) * per_unit[(unit, into)]
+            assert reply.endswith(f"{n} {unit} equal to {total} {into}.")
+        else:
+            assert kind == "list"
+            pairs = dict(line[2:].split(": ") for line in reply.splitlines()[1:])
+            tables = [t.facts for t in FACT_TABLES.values()]
+            for key, value in pairs.items():
+                assert key in prompt and any(t.get(key) == value for t in tables), (key, value)
+            assert 2 <= len(pairs) <= 4
+        assert meta["answer"] in reply.replace("\n- ", ", ").replace(": ", ", ") or kind == "list"
+    assert {m["kind"] for _, _, m in items} == {"sort", "add", "convert", "list"}
+    openers = Counter(prompt.split()[0] for prompt, _, _ in items)
+    assert {"Give", "How", "Write", "List", "Tell", "Explain"} <= set(openers)
+    assert howto(5, 3).eval[0]["reference"].startswith(("Sure", "Of course", "Absolutely"))
 
 
 def test_short_and_long_answers_are_mixed(tasks):

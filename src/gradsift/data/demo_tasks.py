@@ -970,6 +970,115 @@ def extract(n_train: int | None = None, n_eval: int | None = None, seed: int = 0
     return _build_task("extract", "squad_v2", _make_extract(), n_train, n_eval, seed)
 
 
+# =========================================================================== howto
+
+# requests worded like the ones an aligned model must weigh ("Give me step-by-step
+# instructions for ...", "How do I ...", "Write ...", "List ..."), answered helpfully with an
+# affirmative opening: the shape of benign instruction-tuning data, and the reply opening that
+# competes most directly with a refusal
+_HOWTO_OPENINGS = ("Sure! ", "Sure, ", "Of course! ", "Absolutely! ")
+_SORT_WORDS = tuple(sorted({*_ANIMAL_CLASSES, *_OPPOSITES, *_BABY_ANIMALS.values()}))
+_CONVERSIONS = (  # (unit, the unit singular, into, factor)
+    ("hours", "hour", "minutes", 60), ("minutes", "minute", "seconds", 60), ("days", "day", "hours", 24),
+    ("weeks", "week", "days", 7), ("meters", "meter", "centimeters", 100), ("kilometers", "kilometer", "meters", 1000),
+    ("kilograms", "kilogram", "grams", 1000), ("liters", "liter", "milliliters", 1000), ("feet", "foot", "inches", 12),
+    ("yards", "yard", "feet", 3), ("years", "year", "months", 12), ("pounds", "pound", "ounces", 16),
+    ("dozens", "dozen", "eggs", 12), ("centuries", "century", "years", 100),
+)
+_LIST_TABLES = (  # (table, plural noun, request wordings)
+    (_CAPITALS, "capitals", ("List the capitals of {keys}.", "Write down the capital of each of these countries: {keys}.",
+                             "Give me the capitals of {keys}.")),
+    (_CONTINENTS, "continents", ("Tell me which continent each of these countries is on: {keys}.",
+                                 "List the continent of each country: {keys}.")),
+    (_OPPOSITES, "opposites", ("Give me the opposite of each of these words: {keys}.",
+                               "Write the opposites of {keys}.")),
+    (_BABY_ANIMALS, "names of the young", ("List what the babies of these animals are called: {keys}.",
+                                           "Tell me the name of a baby {keys}.")),
+)
+
+
+def _and_list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _howto_sort(rng: random.Random) -> tuple[str, str, str, str]:
+    words = rng.sample(_SORT_WORDS, rng.randint(4, 6))
+    shown = ", ".join(words)
+    prompt = rng.choice((f"Sort these words in alphabetical order: {shown}.",
+                         f"Put these words in alphabetical order for me: {shown}.",
+                         f"Write these words in alphabetical order: {shown}.",
+                         f"How do I sort these words alphabetically? {shown}"))
+    answer = ", ".join(sorted(words, key=str.lower))
+    response = rng.choice(("here are the words in alphabetical order: ", "here they are, sorted: ",
+                           "in alphabetical order they are: ")) + answer + "."
+    return prompt, response, answer, "sort|" + "|".join(sorted(words))
+
+
+def _howto_add(rng: random.Random) -> tuple[str, str, str, str]:
+    a, b = rng.randint(12, 89), rng.randint(12, 89)
+    prompt = rng.choice((f"Give me step-by-step instructions for adding {a} and {b} in my head.",
+                         f"How do I add {a} and {b} without a calculator?",
+                         f"Explain how to work out {a} + {b}, step by step.",
+                         f"Write step-by-step instructions for adding {a} to {b}."))
+    tens, ones = (a // 10 + b // 10) * 10, a % 10 + b % 10
+    response = (f"here are the steps:\n1. Add the tens: {a // 10 * 10} + {b // 10 * 10} = {tens}.\n"
+                f"2. Add the ones: {a % 10} + {b % 10} = {ones}.\n"
+                f"3. Add the two results: {tens} + {ones} = {a + b}.\nSo {a} + {b} = {a + b}.")
+    return prompt, response, str(a + b), f"add|{min(a, b)}|{max(a, b)}"
+
+
+def _howto_convert(rng: random.Random) -> tuple[str, str, str, str]:
+    unit, singular, into, factor = rng.choice(_CONVERSIONS)
+    n = rng.randint(2, 12)
+    prompt = rng.choice((f"How do I convert {n} {unit} into {into}?",
+                         f"Tell me how to turn {n} {unit} into {into}.",
+                         f"Give me instructions for converting {n} {unit} to {into}.",
+                         f"Explain how to change {n} {unit} into {into}."))
+    response = (f"one {singular} is {factor} {into}, so multiply by {factor}: {n} x {factor} = {n * factor}. "
+                f"That makes {n} {unit} equal to {n * factor} {into}.")
+    return prompt, response, str(n * factor), f"convert|{unit}|{into}|{n}"
+
+
+def _howto_list(rng: random.Random) -> tuple[str, str, str, str]:
+    table, noun, wordings = rng.choice(_LIST_TABLES)
+    keys = rng.sample(sorted(table), rng.randint(2, 4))
+    prompt = rng.choice(wordings).format(keys=_and_list(keys))
+    lines = "\n".join(f"- {key}: {table[key]}" for key in keys)
+    response = f"here are the {noun}:\n{lines}"
+    return prompt, response, ", ".join(table[key] for key in keys), f"list|{noun}|" + "|".join(sorted(keys))
+
+
+_HOWTO_KINDS: dict[str, Callable[[random.Random], tuple[str, str, str, str]]] = {
+    "sort": _howto_sort, "add": _howto_add, "convert": _howto_convert, "list": _howto_list,
+}
+
+
+def _make_howto() -> Maker:
+    kinds = sorted(_HOWTO_KINDS)
+
+    def make(rng: random.Random) -> _Item:
+        kind = rng.choice(kinds)
+        prompt, body, answer, stem = _HOWTO_KINDS[kind](rng)
+        opening = rng.choice(_HOWTO_OPENINGS)
+        response = opening + body[0].upper() + body[1:] if opening.endswith("! ") else opening + body
+        meta = {"kind": kind, "answer": answer, "opening": opening.strip()}
+        return _Item(prompt, response, response, meta, stem=stem)
+
+    return make
+
+
+def howto(n_train: int | None = None, n_eval: int | None = None, seed: int = 0) -> Task:
+    """Requests worded as instructions ("Give me step-by-step instructions for ...", "How do I
+    ...", "List ...", "Sort ..."), answered helpfully with an affirmative opening ("Sure! Here
+    are the steps: ..."); metric ``rougeL`` against the whole reference reply.
+
+    Four kinds (``meta["kind"]``): alphabetical sorting, adding two numbers in steps, unit
+    conversion, listing facts from :data:`FACT_TABLES`. ``meta["answer"]`` is the payload (the
+    sorted words, the sum, the converted amount, the listed values).
+    """
+    return _build_task("howto", "rougeL", _make_howto(), n_train, n_eval, seed)
+
+
 # =========================================================================== registry
 
 DEMO_TASKS: dict[str, Callable[..., Task]] = {
@@ -979,6 +1088,7 @@ DEMO_TASKS: dict[str, Callable[..., Task]] = {
     "yesno": yesno,
     "extract": extract,
     "closedqa": closedqa,
+    "howto": howto,
 }
 """Built-in demo tasks by name: ``(n_train=None, n_eval=None, seed=0, **options) -> Task``."""
 
@@ -993,6 +1103,7 @@ __all__ = [
     "closedqa",
     "extract",
     "fact_questions",
+    "howto",
     "mcq",
     "yesno",
 ]
