@@ -388,3 +388,19 @@ def test_over_refusal_sets_can_cap_their_replies(tmp_path, tokenizer):
                                 "progress": False})
     evaluate(None, tokenizer, cfg, out_dir=tmp_path, generator=gen)
     assert gen.caps == [{}, {"max_new_tokens": 12}]  # the safety set keeps generation.max_new_tokens
+
+
+def test_a_task_that_needs_long_replies_gets_them(tmp_path, tokenizer):
+    from gradsift.data.demo_tasks import HOWTO_MAX_NEW_TOKENS, howto, yesno
+
+    long_task, short_task = howto(2, 3), yesno(2, 3)
+    gen = ScriptedGenerator(lambda p, pre: "Sure! Here are the steps.")
+    cfg = EvalConfig.from_dict({"generation": {"max_new_tokens": 32}, "progress": False})
+    evaluate(None, tokenizer, cfg, tasks=[long_task, short_task], out_dir=tmp_path, generator=gen)
+    # the how-to replies are read whole; a task without its own need keeps generation.max_new_tokens
+    assert gen.caps[:2] == [{"max_new_tokens": HOWTO_MAX_NEW_TOKENS}, {}]
+    # a generation budget above the task's need is kept
+    gen = ScriptedGenerator(lambda p, pre: "Sure!")
+    cfg = EvalConfig.from_dict({"generation": {"max_new_tokens": 200}, "progress": False})
+    evaluate(None, tokenizer, cfg, tasks=[long_task], out_dir=tmp_path, generator=gen)
+    assert gen.caps[0] == {"max_new_tokens": 200}

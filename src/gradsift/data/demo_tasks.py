@@ -976,6 +976,7 @@ def extract(n_train: int | None = None, n_eval: int | None = None, seed: int = 0
 # instructions for ...", "How do I ...", "Write ...", "List ..."), answered helpfully with an
 # affirmative opening: the shape of benign instruction-tuning data, and the reply opening that
 # competes most directly with a refusal
+HOWTO_MAX_NEW_TOKENS = 96
 _HOWTO_OPENINGS = ("Sure! ", "Sure, ", "Of course! ", "Absolutely! ")
 _SORT_WORDS = tuple(sorted({*_ANIMAL_CLASSES, *_OPPOSITES, *_BABY_ANIMALS.values()}))
 _CONVERSIONS = (  # (unit, the unit singular, into, factor)
@@ -1076,7 +1077,9 @@ def howto(n_train: int | None = None, n_eval: int | None = None, seed: int = 0) 
     conversion, listing facts from :data:`FACT_TABLES`. ``meta["answer"]`` is the payload (the
     sorted words, the sum, the converted amount, the listed values).
     """
-    return _build_task("howto", "rougeL", _make_howto(), n_train, n_eval, seed)
+    task = _build_task("howto", "rougeL", _make_howto(), n_train, n_eval, seed)
+    task.max_new_tokens = HOWTO_MAX_NEW_TOKENS  # the longest reply, whole: rougeL reads all of it
+    return task
 
 
 # =========================================================================== registry

@@ -75,6 +75,9 @@ class Task:
     eval: list[dict]
     metric: str
     source: str | None = None
+    # replies this task's metric reads need up to this many tokens: evaluation generates at least
+    # this many for it, whatever generation.max_new_tokens says (None: generation.max_new_tokens)
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -601,7 +601,9 @@ def evaluate(
         if not items:
             logger.warning("eval%s: task %s has no evaluation items; skipped", where, task.name)
             continue
-        responses = generate(task.name, [it["messages"] for it in items])
+        need = getattr(task, "max_new_tokens", None)
+        responses = generate(task.name, [it["messages"] for it in items],
+                             max_new_tokens=max(need, cfg.generation.max_new_tokens) if need else None)
         records = [{"id": str(it.get("row", i)), "kind": "task", "set": task.name, "metric": task.metric,
                     "prompt": it["messages"], "reference": it["reference"], "response": resp}
                    for i, (it, resp) in enumerate(zip(items, responses))]
