@@ -67,3 +67,16 @@ def test_run_bad_config_is_one_line(tmp_path):
     path.write_text(yaml.safe_dump({"tasks": [{"name": "nope"}]}))
     res = CliRunner().invoke(app, ["run", str(path)])
     assert res.exit_code == 2 and "tasks.0.name" in res.output and "Traceback" not in res.output
+
+
+def test_precise_demo_config_names_an_organism_that_is_built_by_recipe():
+    from gradsift.train.align import ORGANISMS
+
+    path = demo_config_path("demo-precise")
+    assert path == ROOT / "configs" / "demo-precise.yaml"
+    cfg = load_config(path)
+    assert cfg.model.name_or_path in ORGANISMS
+    assert ORGANISMS[cfg.model.name_or_path].epochs == 2  # the recipe that meets both targets (A20)
+    assert [t.name for t in cfg.tasks][0] == "howto"
+    assert [m.name for m in cfg.methods] == ["standard", "random", "moderate"]
+    assert yaml.safe_load(path.read_text())["eval"] == yaml.safe_load(demo_config_path().read_text())["eval"]

@@ -17,14 +17,14 @@ QUICK_OVERRIDES = {
 }
 
 
-def demo_config_path() -> Path:
-    """configs/demo.yaml of the source tree."""
+def demo_config_path(name: str = "demo") -> Path:
+    """configs/<name>.yaml of the source tree (``demo``, or ``demo-precise``)."""
     here = Path(__file__).resolve()
     for root in (here.parents[2], Path.cwd()):
-        path = root / "configs" / "demo.yaml"
+        path = root / "configs" / f"{name}.yaml"
         if path.exists():
             return path
-    raise FileNotFoundError("configs/demo.yaml not found: run the demo from the gradsift source tree")
+    raise FileNotFoundError(f"configs/{name}.yaml not found: run the demo from the gradsift source tree")
 
 
 def _apply_quick(data: dict) -> dict:
