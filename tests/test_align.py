@@ -259,3 +259,71 @@ def test_alignment_records_take_extra_harmful_requests_round_robin():
     assert all(r["meta"]["source"] == "harmful" and r["messages"][1]["content"] for r in extra)
     with pytest.raises(ValueError, match="extra_harmful"):
         alignment_records(None, extra_harmful=10_000)
+
+
+def test_shipped_organisms_are_adapters_of_named_recipes():
+    import json
+
+    from gradsift.train.align import ORGANISMS, SHIPPED_ORGANISMS, shipped_adapter
+
+    folders = sorted(p for p in SHIPPED_ORGANISMS.iterdir() if p.is_dir())
+    assert folders, "no organism ships"
+    by_key = {recipe.key(): name for name, recipe in ORGANISMS.items()}
+    for folder in folders:
+        name = by_key[folder.name]  # every shipped adapter is the build of a named recipe
+        recipe = ORGANISMS[name]
+        assert shipped_adapter(recipe) == folder
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["peft_type"]) == (recipe.lora_r, recipe.lora_alpha, "LORA")
+        assert not config["base_model_name_or_path"].startswith("/")
+        check = json.loads((folder / "alignment.json").read_text())
+        assert AlignRecipe(**check["recipe"]).key() == folder.name == check["shipped"]["key"]  # built by it
+        if name == "embedded-aligned-precise":  # the organism that meets both targets
+            assert check["refusal_harmful"] >= 90 and check["over_refusal_benign"] <= 10
+    assert shipped_adapter(AlignRecipe(seed=12345)) is None
+
+
+def test_a_shipped_adapter_is_merged_not_trained(tokenizer, tmp_path, monkeypatch):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    import gradsift.train.align as align
+
+    def tiny():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            vocab_size=len(tokenizer)))
+
+    recipe = AlignRecipe(seed=777, lora_r=4, lora_alpha=8)
+    shipped = tmp_path / "organisms"
+    peft_model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # B too, so that the update is not zero
+    peft_model.save_pretrained(str(shipped / recipe.key()))
+    (shipped / recipe.key() / "alignment.json").write_text(json.dumps({"refusal_harmful": 95.0,
+                                                                        "over_refusal_benign": 4.0}))
+    q = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    expected_q = q.base_layer.weight + 2.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight
+
+    built = []
+    monkeypatch.setenv("GRADSIFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(align, "SHIPPED_ORGANISMS", shipped)
+    monkeypatch.setattr(align, "load_model", lambda *a, **k: tiny())
+    monkeypatch.setattr(align, "load_tokenizer", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(align, "build_aligned_model", lambda r, target, progress=True: built.append(target))
+    path = align.aligned_model_path(recipe, progress=False)
+    assert built == [] and (path / "model.safetensors").exists()
+    merged = LlamaForCausalLM.from_pretrained(str(path))
+    torch.testing.assert_close(merged.model.layers[1].self_attn.q_proj.weight, expected_q, rtol=1e-5, atol=1e-6)
+    check = json.loads((path / "alignment.json").read_text())
+    assert check["refusal_harmful"] == 95.0 and "shipped adapter" in check["source"]
+    # the environment, or shipped=False, trains by the recipe instead
+    monkeypatch.setenv("GRADSIFT_BUILD_ORGANISMS", "1")
+    align.aligned_model_path(recipe, force=True, progress=False)
+    monkeypatch.delenv("GRADSIFT_BUILD_ORGANISMS")
+    align.aligned_model_path(recipe, force=True, progress=False, shipped=False)
+    assert built == [path, path]

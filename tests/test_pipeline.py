@@ -19,7 +19,7 @@ def test_demo_config_is_valid_and_quick_trims_it():
     path = demo_config_path()
     assert path == ROOT / "configs" / "demo.yaml"
     cfg = load_config(path)
-    assert cfg.model.name_or_path == "embedded-aligned"
+    assert cfg.model.name_or_path == "embedded-aligned-precise"
     assert [m.name for m in cfg.methods] == ["standard", "random", "moderate"]
     assert len(cfg.tasks) >= 3
     quick = _apply_quick(yaml.safe_load(path.read_text()))
@@ -69,14 +69,18 @@ def test_run_bad_config_is_one_line(tmp_path):
     assert res.exit_code == 2 and "tasks.0.name" in res.output and "Traceback" not in res.output
 
 
-def test_precise_demo_config_names_an_organism_that_is_built_by_recipe():
-    from gradsift.train.align import ORGANISMS
+def test_demo_organisms_are_named_recipes_and_the_a4_config_stays_valid():
+    from gradsift.train.align import ORGANISMS, shipped_adapter
 
-    path = demo_config_path("demo-precise")
-    assert path == ROOT / "configs" / "demo-precise.yaml"
-    cfg = load_config(path)
-    assert cfg.model.name_or_path in ORGANISMS
-    assert ORGANISMS[cfg.model.name_or_path].epochs == 2  # the recipe that meets both targets (A20)
-    assert [t.name for t in cfg.tasks][0] == "howto"
-    assert [m.name for m in cfg.methods] == ["standard", "random", "moderate"]
+    demo = load_config(demo_config_path())
+    recipe = ORGANISMS[demo.model.name_or_path]
+    assert recipe.epochs == 2  # the recipe that meets both targets (A20)
+    assert shipped_adapter(recipe) is not None  # a fresh machine merges it instead of training for half an hour
+    assert [t.name for t in demo.tasks][0] == "howto"
+    path = demo_config_path("demo-a4")
+    assert path == ROOT / "configs" / "demo-a4.yaml"
+    a4 = load_config(path)
+    assert a4.model.name_or_path == "embedded-aligned" and "embedded-aligned" in ORGANISMS
+    assert [t.name for t in a4.tasks] == ["mcq", "yesno", "arith"]
+    assert [m.name for m in a4.methods] == ["standard", "random", "moderate"]
     assert yaml.safe_load(path.read_text())["eval"] == yaml.safe_load(demo_config_path().read_text())["eval"]

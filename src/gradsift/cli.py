@@ -179,9 +179,7 @@ def run(
 def demo(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default runs/demo)"),
     quick: bool = typer.Option(False, "--quick", help="a trimmed demo (minutes)"),
-    precise: bool = typer.Option(False, "--precise", help="configs/demo-precise.yaml: an organism that meets both "
-                                 "alignment targets, eroded by how-to fine-tuning (about 50 min on 2 CPU cores)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a key of the demo config"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a key of configs/demo.yaml"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
 ):
     """The whole method on the embedded SmolLM2-135M-Instruct: align, fine-tune on three tasks, compare, report."""
@@ -190,10 +188,9 @@ def demo(
     from gradsift.train.config import ConfigError
 
     try:
-        name = "demo-precise" if precise else "demo"
         if output is None:
-            output = Path(f"runs/{name}-quick" if quick else f"runs/{name}")
-        run_pipeline(demo_config_path(name), output, list(set_ or []), quick=quick)
+            output = Path("runs/demo-quick" if quick else "runs/demo")
+        run_pipeline(demo_config_path(), output, list(set_ or []), quick=quick)
     except (ConfigError, *USER_ERRORS) as exc:
         _fail(exc)
 

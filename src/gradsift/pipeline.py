@@ -18,7 +18,7 @@ QUICK_OVERRIDES = {
 
 
 def demo_config_path(name: str = "demo") -> Path:
-    """configs/<name>.yaml of the source tree (``demo``, or ``demo-precise``)."""
+    """configs/<name>.yaml of the source tree (``demo``, or ``demo-a4``)."""
     here = Path(__file__).resolve()
     for root in (here.parents[2], Path.cwd()):
         path = root / "configs" / f"{name}.yaml"

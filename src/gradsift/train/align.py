@@ -6,13 +6,17 @@ refusal data (gradsift.data.alignment: harmful requests over ten harm categories
 answered with varied refusals) mixed with benign instructions answered by the
 model itself (so that alignment keeps its helpful style). The result is built
 once, checked (refusal of held-out harmful prompts, over-refusal of held-out
-benign ones, keyword judge) and cached; later runs reuse it.
+benign ones, keyword judge) and cached; later runs reuse it. An organism whose
+adapter ships in the package (``data/builtin/organisms/<recipe key>/``, written by
+``scripts/ship_organism.py`` from a build of the same recipe) is merged from it
+instead of trained; ``GRADSIFT_BUILD_ORGANISMS=1`` trains it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -74,7 +78,7 @@ class AlignRecipe:
 
 # the organisms a config can name (model.name_or_path); each is built on first use and cached
 ORGANISMS: dict[str, AlignRecipe] = {
-    "embedded-aligned": AlignRecipe(),  # the demo's: refuses >= 90%, over-refuses too (docs/demo.md, A4)
+    "embedded-aligned": AlignRecipe(),  # configs/demo-a4.yaml's: refuses >= 90%, over-refuses too (docs/demo.md, A4)
     "smollm2-aligned": AlignRecipe(),
     # plus 445 contrast requests and each refusal five times: over-refuses less, refuses a little
     # less, builds in about 14 min instead of 9 on two CPU cores (docs/demo.md, A12)
@@ -83,22 +87,76 @@ ORGANISMS: dict[str, AlignRecipe] = {
     # refuses >= 90% and over-refuses 14%, builds in about 14 min (docs/demo.md, A17)
     "embedded-aligned-balanced": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400,
                                              decision_weight=10.0),
-    # the same for two epochs: refuses >= 90% and over-refuses <= 10% (both targets), builds in about
-    # 25 min; the demo's fine-tuning barely erodes it (docs/demo.md, A20)
+    # the same for two epochs: refuses >= 90% and over-refuses <= 10% (both targets); the demo's
+    # organism. Trains in about 28 min on two CPU cores, so its adapter ships and is merged instead.
+    # Short-answer tasks barely erode it, the how-to replies of configs/demo.yaml do (docs/demo.md, A20, F5)
     "embedded-aligned-precise": AlignRecipe(contrast_answer_tokens=16, harmful_repeats=1, extra_harmful=400,
                                             decision_weight=10.0, epochs=2),
 }
 ALIGNED_NAMES = set(ORGANISMS)
 
 
-def aligned_model_path(recipe: AlignRecipe | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Path of the aligned organism for ``recipe``, building it on first use (minutes on a CPU)."""
+# organisms shipped as LoRA adapters (scripts/ship_organism.py), one folder per recipe key
+SHIPPED_ORGANISMS = Path(__file__).resolve().parents[1] / "data" / "builtin" / "organisms"
+BUILD_ENV = "GRADSIFT_BUILD_ORGANISMS"  # set to 1: train organisms by their recipe, never merge a shipped adapter
+
+
+def shipped_adapter(recipe: AlignRecipe) -> Path | None:
+    """The shipped adapter folder of ``recipe``'s organism, or None."""
+    folder = SHIPPED_ORGANISMS / recipe.key()
+    return folder if (folder / "adapter_config.json").exists() else None
+
+
+def aligned_model_path(recipe: AlignRecipe | None = None, force: bool = False, progress: bool = True,
+                       shipped: bool = True) -> Path:
+    """Path of the aligned organism for ``recipe``, made on first use and cached.
+
+    From the package's adapter when one is shipped for the recipe (a merge: seconds),
+    unless ``shipped=False`` or the environment sets ``GRADSIFT_BUILD_ORGANISMS=1``;
+    otherwise built by the recipe (minutes on a CPU). ``force`` remakes it.
+    """
     recipe = recipe or AlignRecipe()
     target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-aligned-{recipe.key()}"
     if (target / "alignment.json").exists() and not force:
         return target
-    build_aligned_model(recipe, target, progress=progress)
+    adapter = shipped_adapter(recipe) if shipped and os.environ.get(BUILD_ENV, "") in ("", "0") else None
+    if adapter is not None:
+        merge_shipped_organism(recipe, adapter, target, progress=progress)
+    else:
+        build_aligned_model(recipe, target, progress=progress)
     return target
+
+
+def merge_shipped_organism(recipe: AlignRecipe, adapter: Path, target: Path, progress: bool = True) -> dict:
+    """Merge a shipped adapter into the base model and save it at ``target`` with its build's check."""
+    from peft import PeftModel
+
+    t0 = time.time()
+    tok = load_tokenizer(recipe.base)
+    model = PeftModel.from_pretrained(load_model(recipe.base, dtype="float32"), str(adapter))
+    merged = model.merge_and_unload()
+    check = json.loads((adapter / "alignment.json").read_text(encoding="utf-8"))
+    check["source"] = f"shipped adapter {adapter.name} (built by the recipe, merged {time.strftime('%Y-%m-%d')})"
+    check["merge_seconds"] = time.time() - t0
+    _save_organism(merged, tok, check, target)
+    _log(f"organism {recipe.key()} merged from the shipped adapter in {time.time() - t0:.0f} s "
+         f"(its build: refusal {check['refusal_harmful']:.1f}%, over-refusal {check['over_refusal_benign']:.1f}%; "
+         f"{BUILD_ENV}=1 trains it instead) -> {target}")
+    return check
+
+
+def _save_organism(model, tokenizer, check: dict, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "alignment.json").write_text(json.dumps(check, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def _log(msg: str) -> None:
@@ -197,15 +255,7 @@ def build_aligned_model(recipe: AlignRecipe, target: Path, progress: bool = True
     check.update({"recipe": asdict(recipe), "n_train_samples": len(features),
                   "n_train_tokens": sum(len(f["input_ids"]) for f in features), "build_seconds": time.time() - t0,
                   "phase_seconds": {"prepare": t_train - t0, "train": t_check - t_train, "check": time.time() - t_check}})
-    tmp = target.with_name(target.name + ".tmp")
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "alignment.json").write_text(json.dumps(check, indent=2))
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    _save_organism(merged, tok, check, target)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
