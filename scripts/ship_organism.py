@@ -37,11 +37,11 @@ def main() -> None:
     built = aligned_model_path(recipe, shipped=False)  # the cached build (built now if missing)
     merged = load_file(str(built / "model.safetensors"))
     base = load_model(recipe.base, dtype="float32")
+    base_weights = {k: v.detach().clone() for k, v in base.state_dict().items()}  # before LoRA wraps the layers
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                         target_modules="all-linear", task_type="CAUSAL_LM")
     peft_model = get_peft_model(base, config)
-    scaling = recipe.lora_alpha / recipe.lora_r
-    base_weights = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    scaling, r = recipe.lora_alpha / recipe.lora_r, recipe.lora_r
     worst = 0.0
     with torch.no_grad():
         lora_layers = {name: m for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
@@ -49,13 +49,12 @@ def main() -> None:
             key = name.removeprefix("base_model.model.") + ".weight"
             delta = merged[key].float() - module.base_layer.weight.float()
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            r = recipe.lora_r
             b = (u[:, :r] * s[:r]) / scaling
             module.lora_A["default"].weight.copy_(vh[:r].float())
             module.lora_B["default"].weight.copy_(b.float())
             rebuilt = scaling * (b.double() @ vh[:r].double())
             worst = max(worst, float((rebuilt - delta.double()).abs().max() / delta.abs().max()))
-        changed = {k for k in merged if k in base_weights and not torch.equal(merged[k], base_weights[k])}
+        changed = {k for k in merged if not torch.equal(merged[k], base_weights[k])}
         targeted = {n.removeprefix("base_model.model.") + ".weight" for n in lora_layers}
         if changed - targeted:
             raise SystemExit(f"weights outside the LoRA layers differ: {sorted(changed - targeted)[:3]}")
