@@ -69,6 +69,7 @@ def main() -> None:
     peft_model.save_pretrained(str(out))
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not this machine's cache
+    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in PEFT: stable output
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     check = json.loads((built / "alignment.json").read_text())
     check["shipped"] = {"name": args.name, "key": recipe.key(), "dtype": args.dtype, "svd_relative_error": worst}
