@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradsift.data.alignment import alignment_records, benign_requests
 from gradsift.data.formatting import collate, encode_records
-from gradsift.norms.engine import response_losses
+from gradsift.losses import response_losses
 from gradsift.train.align import (
     AlignRecipe,
     _alignment_trainer,
@@ -165,7 +165,7 @@ def test_decision_weighted_losses_by_hand():
         expected.append((4.0 * ce[0] + sum(ce[1:])) / (4.0 + len(ce) - 1))
     torch.testing.assert_close(decision_weighted_losses(logits, labels, 4.0), torch.stack(expected))
     torch.testing.assert_close(decision_weighted_losses(logits, labels, 1.0), response_losses(logits, labels))
-    from gradsift.norms.engine import loss_positions
+    from gradsift.losses import loss_positions
 
     positions = loss_positions(labels)  # the logits of those positions only, as a trimmed forward gives
     torch.testing.assert_close(decision_weighted_losses(logits[:, positions], labels, 4.0, positions),

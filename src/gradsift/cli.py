@@ -195,23 +195,18 @@ def demo(
         _fail(exc)
 
 
-def _register_optional() -> None:
-    """Commands whose modules may be absent in a partial install are added when importable."""
-    try:
-        from gradsift.eval.commands import register as register_eval
+def _register_commands() -> None:
+    """Commands defined beside their subsystems (an import error there is a real error, not a missing command)."""
+    from gradsift.analysis.commands import register as register_study
+    from gradsift.eval.commands import register as register_eval
+    from gradsift.report.commands import register as register_report
 
-        register_eval(app, _fail, USER_ERRORS)
-    except ImportError:
-        pass
-    try:
-        from gradsift.report.commands import register as register_report
-
-        register_report(app, _fail, USER_ERRORS)
-    except ImportError:
-        pass
+    register_eval(app, _fail, USER_ERRORS)
+    register_report(app, _fail, USER_ERRORS)
+    register_study(app, _fail, USER_ERRORS)
 
 
-_register_optional()
+_register_commands()
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
 * :func:`score_dataset` - a whole dataset to a Parquet table (resumable).
 """
 
-from gradsift.norms.engine import GhostNormEngine, causal_lm_losses, per_sample_grad_norms, response_losses
+from gradsift.losses import causal_lm_losses, response_losses
+from gradsift.norms.engine import GhostNormEngine, per_sample_grad_norms
 from gradsift.norms.reference import naive_grad_norms
 from gradsift.norms.rules import RULES, Rule, register_rule
 

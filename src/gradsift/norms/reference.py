@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsift.norms.engine import _unwrap, response_losses
+from gradsift.losses import response_losses
+from gradsift.norms.engine import _unwrap
 
 
 def naive_grad_norms(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.report.plots import Plot, all_plots
+from gradsift.report.sections import render_sections
 from gradsift.report.store import CONFIG_FILE, RunStore, load_run
 from gradsift.report.tables import (
     MISSING,
@@ -355,6 +356,7 @@ def render_report(store: RunStore, judge: str | None = None) -> str:
         *(_figure_html(p) for p in plots),
         _category_html(store, judge),
         _selection_html(store),
+        *render_sections(store),
         _measurements_html(store),
         "<h2>About the judges</h2>",
         f'<p class="note" id="judge-note">{JUDGE_NOTE}</p>',

@@ -355,7 +355,7 @@ def _alignment_trainer():
     token loss (:func:`decision_weighted_losses` with ``decision_weight``, or the row's own
     ``decision`` where the batch has one); each row's term is scaled by its ``weight`` (refusal
     samples: ``refusal_weight``)."""
-    from gradsift.norms.engine import causal_lm_losses, loss_positions
+    from gradsift.losses import causal_lm_losses, loss_positions
     from gradsift.train.trainer import GradsiftTrainer
 
     class AlignmentTrainer(GradsiftTrainer):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsift.norms.engine import causal_lm_losses, response_losses
+from gradsift.losses import causal_lm_losses, response_losses
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")

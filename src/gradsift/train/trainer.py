@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from gradsift.norms.engine import causal_lm_losses
+from gradsift.losses import causal_lm_losses
 from gradsift.train.baselines import (
     EWCState,
     KLReference,

@@ -1,0 +1,3 @@
+"""Report section: evidence (see :mod:gradsift.report.sections)."""
+
+from __future__ import annotations
