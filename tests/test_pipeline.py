@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_config_is_valid_and_quick_trims_it():
     path = demo_config_path()
-    assert path == ROOT / "configs" / "demo.yaml"
+    assert path == ROOT / "src" / "gradsift" / "configs" / "demo.yaml"
     cfg = load_config(path)
     assert cfg.model.name_or_path == "embedded-aligned-precise"
     assert [m.name for m in cfg.methods] == ["standard", "random", "moderate"]
@@ -78,7 +78,7 @@ def test_demo_organisms_are_named_recipes_and_the_a4_config_stays_valid():
     assert shipped_adapter(recipe) is not None  # a fresh machine merges it instead of training for half an hour
     assert [t.name for t in demo.tasks][0] == "howto"
     path = demo_config_path("demo-a4")
-    assert path == ROOT / "configs" / "demo-a4.yaml"
+    assert path == ROOT / "src" / "gradsift" / "configs" / "demo-a4.yaml"
     a4 = load_config(path)
     assert a4.model.name_or_path == "embedded-aligned" and "embedded-aligned" in ORGANISMS
     assert [t.name for t in a4.tasks] == ["mcq", "yesno", "arith"]

@@ -69,7 +69,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, shared_data)
     cfg = load_config(path)
     assert Path(cfg.tasks[0].path) == (tmp_path / "data" / "gsm.jsonl").resolve()
     assert Path(cfg.tasks[1].path) == (tmp_path / "data" / "gsm.jsonl").resolve()
-    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    tiny = load_config(ROOT / "src" / "gradsift" / "configs" / "tiny.yaml")
     assert tiny.model.config["model_type"] == "llama"
     assert [t.name for t in tiny.tasks] == ["arith", "mcq"]
 

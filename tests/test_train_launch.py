@@ -21,7 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "src" / "gradsift" / "configs" / "tiny.yaml"
 SETTINGS = ["tasks.0.n_train=32", "tasks.1.n_train=32", "seeds=[3]", "eval.tasks=true",
             "eval.generation.max_new_tokens=4", "eval.safety=[{set: builtin_harmful, n: 8}]",
             "eval.over_refusal=[{set: builtin_benign, n: 8}]"]

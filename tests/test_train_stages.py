@@ -164,7 +164,7 @@ def test_ewc_and_olora_stages(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_tiny_yaml_end_to_end(tmp_path, shared_data):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(ROOT / "src" / "gradsift" / "configs" / "tiny.yaml")
     out = run_training(cfg, tmp_path / "tiny", eval_hook=lambda m, t, s, ts, i: [
         {"task": "probe", "metric": "stage", "value": s}])
     rows = read_results(out)

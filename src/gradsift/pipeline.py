@@ -18,13 +18,10 @@ QUICK_OVERRIDES = {
 
 
 def demo_config_path(name: str = "demo") -> Path:
-    """configs/<name>.yaml of the source tree (``demo``, or ``demo-a4``)."""
-    here = Path(__file__).resolve()
-    for root in (here.parents[2], Path.cwd()):
-        path = root / "configs" / f"{name}.yaml"
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"configs/{name}.yaml not found: run the demo from the gradsift source tree")
+    """The shipped config ``<name>.yaml`` (``demo``, or ``demo-a4``), inside the installed package."""
+    from gradsift.configs import resolve_config
+
+    return resolve_config(name)
 
 
 def _apply_quick(data: dict) -> dict:

@@ -307,11 +307,16 @@ def validate_config(data: dict[str, Any], source: str = "<config>", base: Path |
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML config, apply dotted-key ``overrides`` and validate it.
 
-    >>> cfg = load_config("configs/tiny.yaml", {"optim.lr": 3e-4})   # doctest: +SKIP
+    ``path`` is a file or the name of a shipped config (``tiny``, ``paper/qwen2.5-7b``).
+
+    >>> cfg = load_config("tiny", {"optim.lr": 3e-4})   # doctest: +SKIP
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    from gradsift.configs import resolve_config
+
+    try:
+        path = resolve_config(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
