@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-slow test-all demo bench clean
 
 # what the demo needs: gradsift and its core dependencies
 $(CORE): pyproject.toml
@@ -27,11 +27,14 @@ $(STAMP): $(CORE)
 
 setup: $(STAMP)
 
+# the suite a developer runs (< 15 min on 2 cores); the slow end-to-end checks run in CI
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -m "not slow" --durations=15
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+test-slow: setup
+	$(BIN)/python -m pytest -q -x -m slow --durations=15
+
+test-all: test test-slow
 
 demo: $(CORE)
 	$(BIN)/gradsift demo
