@@ -1,0 +1,206 @@
+"""Statistics of every comparison gradsift makes: spread over seeds, confidence intervals, paired tests.
+
+Array-likes in, plain floats and dicts out; scipy does the work. The conventions,
+used the same way by the report and by every study:
+
+* **Spread over seeds**: :func:`mean_sd`, the sample standard deviation (``ddof=1``).
+* **Confidence intervals over prompts**: :func:`bootstrap_ci`, ``scipy.stats.bootstrap``
+  with the bias-corrected and accelerated (BCa) interval; where BCa is undefined
+  (a resample distribution with no spread on one side, tiny samples) the percentile
+  interval is used instead. Constant input gives the degenerate interval ``(v, v)``.
+* **Two methods on the same prompts**:
+  binary outcomes (refused / attacked: yes or no per prompt) go to :func:`mcnemar`,
+  the exact McNemar test (a two-sided binomial test on the discordant pairs,
+  ``scipy.stats.binomtest``) with the Agresti-Min interval of the difference of the
+  two paired proportions; continuous outcomes (task scores per prompt) go to
+  :func:`paired_bootstrap`, a bootstrap of the mean paired difference with a
+  two-sided bootstrap p-value. :func:`compare` picks one of the two.
+* **Association**: :func:`spearman` (``scipy.stats.spearmanr``).
+* **Balance of matched subsets**: :func:`smd`, the standardized mean difference with
+  the pooled standard deviation ``sqrt((s_t^2 + s_c^2) / 2)`` (Austin 2009); the usual
+  reading is that ``|SMD| < 0.1`` is balanced.
+
+NaN values are dropped (a seed or prompt without a value); for paired functions a
+pair is dropped when either side is NaN. Every function is deterministic for a given
+``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats as _st
+
+__all__ = ["mean_sd", "bootstrap_ci", "paired_bootstrap", "mcnemar", "compare", "spearman", "smd"]
+
+
+def _vec(values) -> np.ndarray:
+    x = np.asarray(values, dtype=float).ravel()
+    return x[~np.isnan(x)]
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=float).ravel()
+    y = np.asarray(b, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired values need the same length: {x.size} and {y.size}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    return x[keep], y[keep]
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must lie in (0, 1), got {level}")
+
+
+def mean_sd(values) -> tuple[float, float, int]:
+    """``(mean, sample sd with ddof=1, n)`` of the non-NaN values; sd is NaN for n < 2, mean NaN for n = 0."""
+    x = _vec(values)
+    n = int(x.size)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    sd = float(np.std(x, ddof=1)) if n >= 2 else float("nan")
+    return float(np.mean(x)), sd, n
+
+
+def bootstrap_ci(values, statistic: Callable = np.mean, level: float = 0.95, n_resamples: int = 10000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Bootstrap confidence interval ``(lo, hi)`` of ``statistic`` over the values.
+
+    BCa interval of ``scipy.stats.bootstrap`` (percentile where BCa is undefined).
+    ``statistic`` must accept an ``axis`` keyword (numpy reductions do). Constant
+    input (including a single value) gives ``(v, v)``; no values give ``(nan, nan)``.
+    """
+    _check_level(level)
+    x = _vec(values)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if np.all(x == x[0]):
+        v = float(statistic(x))
+        return v, v
+    lo, hi, _ = _bootstrap((x,), statistic, level, n_resamples, seed, paired=False)
+    return lo, hi
+
+
+def _bootstrap(data: tuple, statistic: Callable, level: float, n_resamples: int, seed: int, paired: bool):
+    """(lo, hi, bootstrap distribution) by scipy, BCa first, percentile where BCa gives no finite bound."""
+    kw = dict(confidence_level=level, n_resamples=n_resamples, vectorized=True, paired=paired,
+              random_state=np.random.default_rng(seed))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about degenerate BCa; the fallback below handles it
+        res = _st.bootstrap(data, statistic, method="BCa", **kw)
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            kw["random_state"] = np.random.default_rng(seed)
+            res = _st.bootstrap(data, statistic, method="percentile", **kw)
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo, hi, np.asarray(res.bootstrap_distribution)
+
+
+def paired_bootstrap(a, b, level: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Paired bootstrap of the mean difference ``mean(a - b)`` (the same prompts under two methods).
+
+    Returns ``{"diff", "lo", "hi", "p", "n"}``: the observed mean difference, its
+    bootstrap interval (as :func:`bootstrap_ci`), and the two-sided bootstrap p-value
+    ``(1 + #{|d* - d| >= |d|}) / (B + 1)`` from the resampled mean differences ``d*``
+    shifted to the null of no difference. All differences zero gives ``p = 1``.
+    """
+    _check_level(level)
+    x, y = _pair(a, b)
+    d = x - y
+    n = int(d.size)
+    if n == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p": float("nan"), "n": 0}
+    obs = float(d.mean())
+    if np.all(d == d[0]):
+        return {"diff": obs, "lo": obs, "hi": obs, "p": 1.0 if obs == 0.0 else 1.0 / (n_resamples + 1), "n": n}
+    lo, hi, dist = _bootstrap((d,), np.mean, level, n_resamples, seed, paired=False)
+    extreme = int(np.sum(np.abs(dist - obs) >= abs(obs) - 1e-12 * max(1.0, abs(obs))))
+    p = (1 + extreme) / (dist.size + 1)
+    return {"diff": obs, "lo": lo, "hi": hi, "p": float(min(1.0, p)), "n": n}
+
+
+def mcnemar(a, b, level: float = 0.95) -> dict:
+    """Exact McNemar test of paired binary outcomes (per prompt: yes/no under method A and under B).
+
+    ``n10`` counts prompts with A = 1 and B = 0, ``n01`` the reverse. ``p`` is the exact
+    two-sided binomial test of ``n10`` out of ``n10 + n01`` at 1/2 (``scipy.stats.binomtest``;
+    1.0 when there is no discordant pair). ``diff = mean(a) - mean(b) = (n10 - n01) / n``;
+    ``lo``, ``hi`` is the Agresti-Min (2005) interval of that difference (the Wald interval
+    after adding 1/2 to every cell of the 2x2 table). Also returns ``n``, ``n11``, ``n00``,
+    ``rate_a`` and ``rate_b``.
+    """
+    _check_level(level)
+    x, y = _pair(a, b)
+    vals = set(np.unique(np.concatenate([x, y])).tolist())
+    if not vals <= {0.0, 1.0}:
+        raise ValueError("mcnemar needs binary outcomes (0/1 or booleans)")
+    n = int(x.size)
+    if n == 0:
+        nan = float("nan")
+        return {"n01": 0, "n10": 0, "n11": 0, "n00": 0, "n": 0, "p": nan, "diff": nan, "lo": nan, "hi": nan,
+                "rate_a": nan, "rate_b": nan}
+    xa, yb = x.astype(bool), y.astype(bool)
+    n10 = int(np.sum(xa & ~yb))
+    n01 = int(np.sum(~xa & yb))
+    n11 = int(np.sum(xa & yb))
+    n00 = n - n10 - n01 - n11
+    p = float(_st.binomtest(n10, n10 + n01, 0.5).pvalue) if n10 + n01 > 0 else 1.0
+    diff = (n10 - n01) / n
+    # Agresti-Min: 1/2 added to each of the four cells
+    a10, a01, na = n10 + 0.5, n01 + 0.5, n + 2.0
+    d_adj = (a10 - a01) / na
+    se = math.sqrt(max(0.0, (a10 + a01) - (a10 - a01) ** 2 / na)) / na
+    z = float(_st.norm.ppf(0.5 + level / 2))
+    lo, hi = max(-1.0, d_adj - z * se), min(1.0, d_adj + z * se)
+    return {"n01": n01, "n10": n10, "n11": n11, "n00": n00, "n": n, "p": p, "diff": float(diff),
+            "lo": float(lo), "hi": float(hi), "rate_a": float(xa.mean()), "rate_b": float(yb.mean())}
+
+
+def compare(a, b, kind: str = "binary", level: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Paired comparison of methods A and B on the same prompts: ``{"test", "diff", "lo", "hi", "p", "n", ...}``.
+
+    ``kind="binary"``: :func:`mcnemar`; ``kind="continuous"``: :func:`paired_bootstrap`.
+    ``diff`` is always A minus B.
+    """
+    if kind == "binary":
+        out = mcnemar(a, b, level=level)
+        out["test"] = "mcnemar"
+    elif kind == "continuous":
+        out = paired_bootstrap(a, b, level=level, n_resamples=n_resamples, seed=seed)
+        out["test"] = "paired_bootstrap"
+    else:
+        raise ValueError(f"unknown comparison kind {kind!r}: binary | continuous")
+    return out
+
+
+def spearman(x, y) -> dict:
+    """Spearman rank correlation ``{"rho", "p", "n"}`` over the pairs without NaN (scipy.stats.spearmanr).
+
+    ``rho`` and ``p`` are NaN for fewer than 3 pairs or a constant side.
+    """
+    a, b = _pair(x, y)
+    n = int(a.size)
+    if n < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return {"rho": float("nan"), "p": float("nan"), "n": n}
+    res = _st.spearmanr(a, b)
+    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": n}
+
+
+def smd(x_treated, x_control) -> float:
+    """Standardized mean difference ``(mean_t - mean_c) / sqrt((s_t^2 + s_c^2) / 2)`` (ddof=1 variances).
+
+    Zero pooled sd: 0.0 when the means agree, else ``+-inf``. NaN when a side has fewer than 2 values.
+    """
+    t, c = _vec(x_treated), _vec(x_control)
+    if t.size < 2 or c.size < 2:
+        return float("nan")
+    diff = float(t.mean() - c.mean())
+    pooled = math.sqrt((float(np.var(t, ddof=1)) + float(np.var(c, ddof=1))) / 2.0)
+    if pooled == 0.0:
+        return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+    return diff / pooled
