@@ -116,7 +116,7 @@ def main() -> None:
     pad = 0
     if args.task:
         from gradsift.data.formatting import encode_records
-        from gradsift.data.tasks import load_task
+        from gradsift.tasks import load_task
         from gradsift.models import load_tokenizer
 
         tok = load_tokenizer(args.model)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gradsift.data.records import RecordError
-from gradsift.data.tasks import SQUAD_INSTRUCTION, TASKS, UNANSWERABLE, load_task
+from gradsift.tasks import load_task
+from gradsift.tasks.hub import HUB_TASKS, SQUAD_INSTRUCTION, UNANSWERABLE
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> Path:
@@ -245,7 +246,7 @@ def test_unknown_task_lists_choices():
     assert message.startswith("unknown task 'not-a-task'")
     for name in ("dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca"):
         assert name in message
-    assert set(TASKS) == {"dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca"}
+    assert set(HUB_TASKS) == {"dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca"}
 
 
 def test_bad_options(tmp_path):
@@ -256,3 +257,30 @@ def test_bad_options(tmp_path):
     path = _write_jsonl([{"prompt": "p", "response": "r"}], tmp_path / "one.jsonl")
     with pytest.raises(ValueError, match="cannot be split"):
         load_task(str(path))
+
+
+def test_register_task_binds_a_name_to_its_loader(monkeypatch):
+    from gradsift.tasks import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    calls = []
+
+    @registry.register_task("toy", options=("size",))
+    def toy(n_train, n_eval, seed, *, size=1):
+        """A toy task."""
+        calls.append((n_train, n_eval, seed, size))
+        rec = {"row": 0, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+               "meta": {}}
+        return registry.Task("toy", [rec] * size, [], "exact")
+
+    task = load_task({"name": "toy", "size": 3, "n_train": 5, "seed": 2, "metric": "rougeL"})
+    assert calls == [(5, None, 2, 3)]
+    assert len(task.train) == 3 and task.metric == "rougeL"
+    assert "toy" in registry.task_names()
+    assert registry.registered_task("toy").description == "A toy task."
+    with pytest.raises(ValueError, match=r"unknown option\(s\) colour \(task options: size\)"):
+        load_task({"name": "toy", "colour": "red"})
+    with pytest.raises(ValueError, match="generated: it takes no path"):
+        load_task({"name": "toy", "path": "x.jsonl"})
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_task("gsm8k", toy)

@@ -21,8 +21,8 @@ from gradsift.data.alignment import (
     refusal_templates,
     refusal_topic,
 )
-from gradsift.data.demo_tasks import DEMO_TASKS, FACT_TABLES, arith, closedqa, extract, howto, mcq, yesno
-from gradsift.data.tasks import Task
+from gradsift.tasks.demo import DEMO_TASKS, FACT_TABLES, arith, closedqa, extract, howto, mcq, yesno
+from gradsift.tasks import Task
 
 BUILTIN = Path(alignment.__file__).parent / "builtin"
 
@@ -251,7 +251,7 @@ def test_bad_sizes_and_options():
 
 
 def test_load_task_reaches_the_demo_tasks():
-    from gradsift.data.tasks import load_task
+    from gradsift.tasks import load_task
 
     task = load_task("yesno", n_train=7, n_eval=3, seed=1)
     assert (len(task.train), len(task.eval)) == (7, 3)

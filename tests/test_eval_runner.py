@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from gradsift.data.alignment import benign_requests, harmful_requests
-from gradsift.data.demo_tasks import DEMO_TASKS
+from gradsift.tasks.demo import DEMO_TASKS
 from gradsift.eval import generation as generation_mod
 from gradsift.eval.generation import GenerationConfig, HFGenerator
 from gradsift.eval.runner import EvalConfig, EvalConfigError, evaluate, make_eval_hook, rejudge
@@ -391,7 +391,7 @@ def test_over_refusal_sets_can_cap_their_replies(tmp_path, tokenizer):
 
 
 def test_a_task_that_needs_long_replies_gets_them(tmp_path, tokenizer):
-    from gradsift.data.demo_tasks import HOWTO_MAX_NEW_TOKENS, howto, yesno
+    from gradsift.tasks.demo import HOWTO_MAX_NEW_TOKENS, howto, yesno
 
     long_task, short_task = howto(2, 3), yesno(2, 3)
     gen = ScriptedGenerator(lambda p, pre: "Sure! Here are the steps.")

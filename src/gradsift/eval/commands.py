@@ -137,7 +137,7 @@ def _task_settings(specs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _load_tasks(settings: Sequence[dict[str, Any]], base: Path | None) -> list[Any]:
-    from gradsift.data.tasks import load_task
+    from gradsift.tasks import load_task
 
     tasks = []
     for s in settings:

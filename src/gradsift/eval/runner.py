@@ -562,7 +562,7 @@ def evaluate(
     Args:
         model: a loaded causal LM (``hf`` backend), or a model path (``vllm``).
         cfg: an :class:`EvalConfig` or a raw ``eval`` mapping (defaults when None).
-        tasks: :class:`gradsift.data.tasks.Task` objects to score (their ``eval``
+        tasks: :class:`gradsift.tasks.Task` objects to score (their ``eval``
             items are generated and scored with the task's metric).
         out_dir: where ``generations/<kind>-<set>[@attack].jsonl`` go (nothing is
             saved when None; :func:`rejudge` needs them).
@@ -710,7 +710,7 @@ def make_eval_hook(eval_config: Mapping[str, Any] | EvalConfig,
     loaded: dict[str, Any] = {}
 
     def load(settings: dict[str, Any]):
-        from gradsift.data.tasks import load_task
+        from gradsift.tasks import load_task
 
         key = json.dumps(settings, sort_keys=True, default=str)
         if key not in loaded:

@@ -181,7 +181,7 @@ class RunConfig(_Section):
 
 def _known_task_names() -> tuple[str, ...]:
     try:
-        from gradsift.data.tasks import task_names
+        from gradsift.tasks import task_names
     except ImportError:  # the registry is optional at validation time
         return _FALLBACK_TASKS
     return tuple(task_names())

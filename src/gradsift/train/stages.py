@@ -363,7 +363,7 @@ def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: Path, 
 
 def _stage_features(task: TaskSettings, tokenizer, seed: int):
     from gradsift.data.formatting import encode_records
-    from gradsift.data.tasks import load_task
+    from gradsift.tasks import load_task
 
     loaded = load_task(task.name, n_train=task.n_train, n_eval=task.n_eval, seed=seed, path=task.path)
     features = encode_records(tokenizer, loaded.train, task.max_length, source=loaded.source or task.name)

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from gradsift.data.tasks import MCQ_LETTERS, Task
+from gradsift.tasks.hub import MCQ_LETTERS
+from gradsift.tasks.registry import Task, register_task
 
 DEFAULT_N_TRAIN = 400
 DEFAULT_N_EVAL = 60
@@ -1093,7 +1094,10 @@ DEMO_TASKS: dict[str, Callable[..., Task]] = {
     "closedqa": closedqa,
     "howto": howto,
 }
-"""Built-in demo tasks by name: ``(n_train=None, n_eval=None, seed=0, **options) -> Task``."""
+"""Built-in demo tasks by name: ``(n_train=None, n_eval=None, seed=0) -> Task``."""
+
+for _name, _make in DEMO_TASKS.items():
+    register_task(_name, _make, description=f"built-in demo task {_name} (generated, offline)")
 
 
 __all__ = [

@@ -1,17 +1,11 @@
-"""The task registry: the datasets of a continual fine-tuning sequence.
+"""The hub tasks: the paper's sequence Dolly -> GSM8K -> MedMCQA -> SQuAD v2, and Alpaca.
 
-A :class:`Task` holds training records (normalized, see :mod:`gradsift.data.records`)
-and evaluation items ``{"row", "messages", "reference", "meta"}`` whose ``messages``
-are the prompt only (no assistant turn) and whose ``reference`` is what the task's
-metric compares a generation with.
-
-Registered tasks (the paper's sequence Dolly -> GSM8K -> MedMCQA -> SQuAD v2, and
-Alpaca) read the Hugging Face Hub through :func:`datasets.load_dataset`, or a local
+Each reads the Hugging Face Hub through :func:`datasets.load_dataset`, or a local
 copy in the hub's record format given with ``path=`` (a ``.jsonl``/``.json``/
 ``.csv``/``.parquet`` file, or a folder holding a ``train`` file and a
 ``test``/``validation``/``dev`` file; SQuAD v2 also takes the official nested JSON).
 Tasks without an evaluation split hold out a seeded random part of the training
-rows. The conversion into chat turns:
+rows (:func:`gradsift.tasks.registry.held_out`). The conversion into chat turns:
 
 * ``dolly``: user = instruction, plus ``"\\n\\nContext:\\n" + context`` when the context
   is not empty; response = response; metric ``rougeL``.
@@ -29,14 +23,7 @@ rows. The conversion into chat turns:
 * ``alpaca``: user = instruction, plus a blank line and the input when not empty;
   response = output; metric ``rougeL``.
 
-Any other file is read with :func:`~gradsift.data.records.read_records` (metric
-``rougeL``, reference = the response). The built-in demo tasks come from
-:mod:`gradsift.data.demo_tasks`.
-
-Sampling is deterministic: ``n_train`` / ``n_eval`` rows are drawn with
-``random.Random(seed)``; records keep their source order. Train and eval never share
-a row. A held-out evaluation part has ``n_eval`` rows, or :data:`EVAL_FRACTION` of
-the rows (at least one) when ``n_eval`` is None.
+Each registers itself with :func:`gradsift.tasks.registry.register_task`.
 """
 
 from __future__ import annotations
@@ -46,10 +33,12 @@ import random
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gradsift.data.records import FILE_SUFFIXES, RecordError, get_text, read_records, read_rows
+from gradsift.data.records import FILE_SUFFIXES, RecordError, get_text, read_rows
+from gradsift.tasks.registry import Task, held_out, register_task, sample_indices
 
 UNANSWERABLE = "unanswerable"
 """The response taught for SQuAD v2 questions that the context cannot answer."""
@@ -59,25 +48,9 @@ SQUAD_INSTRUCTION = (
     f'the answer, reply "{UNANSWERABLE}".'
 )
 MCQ_LETTERS = ("A", "B", "C", "D")
-EVAL_FRACTION = 0.1
-"""Share of the rows held out for evaluation when a task has no evaluation split."""
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _EVAL_SPLIT_WORDS = ("test", "validation", "valid", "val", "dev", "eval")
-
-
-@dataclass
-class Task:
-    """One stage of a continual sequence: training records, evaluation items, metric name."""
-
-    name: str
-    train: list[dict]
-    eval: list[dict]
-    metric: str
-    source: str | None = None
-    # replies this task's metric reads need up to this many tokens: evaluation generates at least
-    # this many for it, whatever generation.max_new_tokens says (None: generation.max_new_tokens)
-    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +67,8 @@ Converter = Callable[..., Converted]
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """How to load and convert one registered task."""
+class HubTask:
+    """Where a hub task lives and how its rows become chat turns."""
 
     name: str
     hub: str
@@ -245,54 +218,24 @@ def convert_alpaca(row: Mapping, file: str, index: int) -> Converted:
     return Converted(_user(user), output, output, frozenset({"instruction", "input", "output", "text"}))
 
 
-TASKS: dict[str, TaskSpec] = {
+HUB_TASKS: dict[str, HubTask] = {
     spec.name: spec
     for spec in (
-        TaskSpec("dolly", "databricks/databricks-dolly-15k", None, "train", None, "rougeL", convert_dolly,
+        HubTask("dolly", "databricks/databricks-dolly-15k", None, "train", None, "rougeL", convert_dolly,
                  "Dolly 15k human-written instructions (held-out eval split)"),
-        TaskSpec("gsm8k", "openai/gsm8k", "main", "train", "test", "gsm8k", convert_gsm8k,
+        HubTask("gsm8k", "openai/gsm8k", "main", "train", "test", "gsm8k", convert_gsm8k,
                  "GSM8K grade-school math word problems, worked solutions"),
-        TaskSpec("medmcqa", "openlifescienceai/medmcqa", None, "train", "validation", "mcq", convert_medmcqa,
+        HubTask("medmcqa", "openlifescienceai/medmcqa", None, "train", "validation", "mcq", convert_medmcqa,
                  "MedMCQA medical entrance-exam multiple choice (answer letter)", options=("with_explanation",)),
-        TaskSpec("squad_v2", "rajpurkar/squad_v2", None, "train", "validation", "squad_v2", convert_squad_v2,
+        HubTask("squad_v2", "rajpurkar/squad_v2", None, "train", "validation", "squad_v2", convert_squad_v2,
                  "SQuAD v2 extractive QA with unanswerable questions", flatten=flatten_squad),
-        TaskSpec("alpaca", "tatsu-lab/alpaca", None, "train", None, "rougeL", convert_alpaca,
+        HubTask("alpaca", "tatsu-lab/alpaca", None, "train", None, "rougeL", convert_alpaca,
                  "Stanford Alpaca 52k instructions (held-out eval split)"),
     )
 }
 
 
-# --------------------------------------------------------------------------- sampling
-
-
-def _check_count(name: str, n: int | None) -> None:
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-        raise ValueError(f"{name} must be a non-negative integer or None, got {n!r}")
-
-
-def _sample(n_rows: int, n: int | None, rng: random.Random) -> list[int]:
-    """``n`` distinct indices of ``range(n_rows)`` drawn by ``rng`` (all when None), in order."""
-    if n is None or n >= n_rows:
-        return list(range(n_rows))
-    return sorted(rng.sample(range(n_rows), n))
-
-
-def _held_out(
-    n_rows: int, n_train: int | None, n_eval: int | None, seed: int, source: str
-) -> tuple[list[int], list[int]]:
-    """Disjoint train/eval indices of one source, drawn by ``seed``."""
-    k = n_eval if n_eval is not None else max(1, round(EVAL_FRACTION * n_rows))
-    if n_rows < 2 or k >= n_rows:
-        raise ValueError(
-            f"{source}: {n_rows} rows cannot be split into training and {k} held-out evaluation rows; "
-            "pass a smaller n_eval or a separate evaluation file"
-        )
-    order = list(range(n_rows))
-    random.Random(seed).shuffle(order)
-    eval_idx, train_idx = order[:k], order[k:]
-    if n_train is not None:
-        train_idx = train_idx[:n_train]
-    return sorted(train_idx), sorted(eval_idx)
+# --------------------------------------------------------------------------- loading
 
 
 def _find_split_files(folder: Path) -> tuple[Path, Path | None]:
@@ -307,9 +250,6 @@ def _find_split_files(folder: Path) -> tuple[Path, Path | None]:
         names = ", ".join(p.name for p in evals)
         raise ValueError(f"{folder}: several evaluation files ({names}); pass one as eval_path")
     return train[0], evals[0] if evals else None
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def _build(
@@ -327,7 +267,9 @@ def _build(
     return out
 
 
-def _load_registered(spec: TaskSpec, path: str | None, eval_path: str | None, n_train, n_eval, seed, options) -> Task:
+def load_hub_task(spec: HubTask, n_train: int | None, n_eval: int | None, seed: int, *,
+                  path: str | None = None, eval_path: str | None = None, **options: Any) -> Task:
+    """Load ``spec`` from the hub, or from a local copy in the hub's record format (``path``)."""
     if path is None:
         train_src = spec.hub_source(spec.train_split)
         eval_src = eval_path or (spec.hub_source(spec.eval_split) if spec.eval_split else None)
@@ -343,123 +285,17 @@ def _load_registered(spec: TaskSpec, path: str | None, eval_path: str | None, n_
 
     train_rows = rows_of(train_src)
     if eval_src is None:
-        train_idx, eval_idx = _held_out(len(train_rows), n_train, n_eval, seed, train_src)
+        train_idx, eval_idx = held_out(len(train_rows), n_train, n_eval, seed, train_src)
         eval_rows, eval_name = train_rows, train_src
     else:
         eval_rows, eval_name = rows_of(eval_src), eval_src
-        train_idx = _sample(len(train_rows), n_train, random.Random(seed))
-        eval_idx = _sample(len(eval_rows), n_eval, random.Random(seed))
+        train_idx = sample_indices(len(train_rows), n_train, random.Random(seed))
+        eval_idx = sample_indices(len(eval_rows), n_eval, random.Random(seed))
     train = _build(train_src, train_rows, train_idx, spec.convert, options, as_eval=False)
     evals = _build(eval_name, eval_rows, eval_idx, spec.convert, options, as_eval=True)
     return Task(spec.name, train, evals, spec.metric, source=train_src)
 
 
-def _eval_items(records: list[dict]) -> list[dict]:
-    return [
-        {"row": r["row"], "messages": r["messages"][:-1], "reference": r["messages"][-1]["content"], "meta": r["meta"]}
-        for r in records
-    ]
-
-
-def _load_file(source: str, eval_path: str | None, n_train, n_eval, seed, metric: str, name: str | None,
-               fields: dict) -> Task:
-    records = read_records(source, **fields)
-    if eval_path is None:
-        train_idx, eval_idx = _held_out(len(records), n_train, n_eval, seed, source)
-        train = [records[i] for i in train_idx]
-        evals = _eval_items([records[i] for i in eval_idx])
-    else:
-        eval_records = read_records(eval_path, **fields)
-        train = [records[i] for i in _sample(len(records), n_train, random.Random(seed))]
-        evals = _eval_items([eval_records[i] for i in _sample(len(eval_records), n_eval, random.Random(seed))])
-    if name is None:
-        name = source.split("@")[0].rsplit("/", 1)[-1] if source.startswith("hf:") else Path(source).stem
-    return Task(name, train, evals, metric, source=source)
-
-
-def _demo_tasks() -> dict[str, Callable[..., Task]]:
-    try:
-        from gradsift.data.demo_tasks import DEMO_TASKS
-    except ImportError:
-        return {}
-    return dict(DEMO_TASKS)
-
-
-def task_names() -> list[str]:
-    """Every name :func:`load_task` accepts: the registry, then the built-in demo tasks."""
-    return sorted(TASKS) + sorted(n for n in _demo_tasks() if n not in TASKS)
-
-
-_SPEC_KEYS = {"name", "path", "eval_path", "metric", "n_train", "n_eval", "seed",
-              "prompt_field", "response_field", "messages_field", "system_field"}
-_FIELD_KEYS = ("prompt_field", "response_field", "messages_field", "system_field")
-
-
-def load_task(
-    spec: str | Path | Mapping[str, Any],
-    *,
-    n_train: int | None = None,
-    n_eval: int | None = None,
-    seed: int = 0,
-    path: str | None = None,
-) -> Task:
-    """Load a task by registry name, demo-task name, file path or ``hf:`` source.
-
-    ``spec`` may also be a dict with ``name`` (or only ``path``) and any of
-    ``path``, ``eval_path``, ``metric``, ``n_train``, ``n_eval``, ``seed``, the
-    :func:`~gradsift.data.records.read_records` field options (user files), and a
-    registered task's own options (``with_explanation`` for medmcqa). Dict values
-    override the keyword arguments.
-
-    Raises:
-        ValueError: unknown task name (the message lists the choices), bad options.
-        RecordError: a bad row, naming file, row and field.
-    """
-    opts: dict[str, Any] = {}
-    if isinstance(spec, Mapping):
-        opts = dict(spec)
-        name = opts.pop("name", None)
-        path = opts.pop("path", path)
-        if name is None and path is None:
-            raise ValueError("a task dict needs 'name' or 'path'")
-        n_train = opts.pop("n_train", n_train)
-        n_eval = opts.pop("n_eval", n_eval)
-        seed = opts.pop("seed", seed)
-    elif isinstance(spec, str | Path):
-        name = str(spec)
-    else:
-        raise TypeError(f"task spec must be a name, a path or a dict, got {type(spec).__name__}")
-    _check_count("n_train", n_train)
-    _check_count("n_eval", n_eval)
-    eval_path = opts.pop("eval_path", None)
-    metric = opts.pop("metric", None)
-
-    if name in TASKS:
-        task_spec = TASKS[name]
-        bad = sorted(set(opts) - set(task_spec.options))
-        if bad:
-            allowed = ", ".join(task_spec.options) or "none"
-            raise ValueError(f"task {name!r}: unknown option(s) {', '.join(bad)} (task options: {allowed})")
-        task = _load_registered(task_spec, path, eval_path, n_train, n_eval, seed, opts)
-        if metric is not None:
-            task.metric = metric
-        return task
-
-    demos = _demo_tasks()
-    if name in demos:
-        if path is not None or eval_path is not None or opts:
-            raise ValueError(f"the built-in demo task {name!r} takes no path or options")
-        return demos[name](n_train, n_eval, seed)
-
-    source = path if path is not None else name  # with both, ``name`` names a task read from ``path``
-    is_source = str(source).startswith("hf:") or Path(source).suffix.lower() in FILE_SUFFIXES or Path(source).exists()
-    if not is_source:
-        raise ValueError(f"unknown task {name!r}: not a data file; choose one of {', '.join(task_names())} "
-                         f"or give a {'/'.join(FILE_SUFFIXES)} file or hf:NAME source")
-    bad = sorted(set(opts) - set(_FIELD_KEYS))
-    if bad:
-        raise ValueError(
-            f"unknown task option(s) {', '.join(bad)} for a data file; allowed: {', '.join(sorted(_SPEC_KEYS))}"
-        )
-    display = name if (name is not None and source != name) else None
-    return _load_file(str(source), eval_path, n_train, n_eval, seed, metric or "rougeL", display, opts)
+for _spec in HUB_TASKS.values():
+    register_task(_spec.name, partial(load_hub_task, _spec), description=_spec.description,
+                  options=_spec.options, reads_files=True)
