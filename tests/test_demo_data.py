@@ -477,3 +477,30 @@ def test_shipped_benign_answers_cover_the_train_requests_only():
     assert not set(answers) & eval_ids
     assert all(isinstance(a, str) and a.strip() for a in answers.values())
     assert shipped_benign_answers(AlignRecipe().benign_max_new_tokens + 1) == {}  # other settings regenerate
+
+
+# sha256 (first 16 hex digits) of each demo task at seed 0 and default sizes, recorded from the
+# generators as they were written in code, before their templates and fact tables became the
+# data files under gradsift/tasks/data/: the data files must reproduce those samples byte for byte
+PINNED = {
+    "arith": "a48be7f528cb0110", "arith_short": "63d6770a7bef8c21", "closedqa": "073bb4f5519e2214",
+    "extract": "ea22526f72d05972", "howto": "02ffea348f58489f", "mcq": "6a595c6eaaa1d994",
+    "yesno": "5300bbdec815d55b",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_demo_tasks_reproduce_the_pinned_samples(name):
+    import hashlib
+    import json
+
+    t = DEMO_TASKS[name](seed=0)
+    blob = json.dumps([t.name, t.train, t.eval, t.metric, t.source, t.max_new_tokens], sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest()[:16] == PINNED[name]
+
+
+def test_demo_data_files_ship_with_the_package():
+    from importlib import resources
+
+    files = {p.name for p in resources.files("gradsift.tasks").joinpath("data").iterdir()}
+    assert {"arith.yaml", "fact_tables.yaml", "passages.yaml", "extract.yaml", "howto.yaml"} <= files
