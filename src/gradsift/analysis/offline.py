@@ -1,0 +1,757 @@
+"""The offline study (section 3 and Table 2 of the paper), its controls, and online against offline.
+
+``gradsift study offline CONFIG`` takes one task of a run config (the first by
+default) and:
+
+1. scores its training rows once at the aligned weights (G_i, L_i, response
+   length; :mod:`gradsift.norms.scorer`), and, when a reference model is known,
+   the reference model's log-perplexity of each response (``ref_L``);
+2. builds the subsets with the offline selection of :mod:`gradsift.select.offline`:
+   High-G_i (top rho), Moderate-G_i (the rho closest to the median), Low-G_i
+   (bottom rho) and Random (a random rho, drawn per seed), over the whole table,
+   without a loss pre-filter;
+3. with ``--matched``, adds the confounder-matched pair ``matched_high`` /
+   ``matched_moderate`` (:mod:`gradsift.analysis.matching`);
+4. fine-tunes a copy of the aligned model on each subset alone, one stage of the
+   stage loop (:func:`gradsift.train.stages.run_training`, plain fine-tuning on the
+   subset, the config's model, LoRA and optimizer settings), once per seed;
+5. evaluates the aligned model once and every fine-tuned copy with the config's
+   ``eval`` section (safety, over-refusal, the task's held-out score) and, with
+   ``--capability BENCH=PATH``, an unrelated held-out capability question by
+   question (the selectivity test, :mod:`gradsift.analysis.selectivity`);
+6. with ``--online``, runs the same comparison with the online rule: the stage loop
+   with Random and Moderate-G_i at the same rho on the same rows;
+7. writes ``offline_study.json`` (every table, interval and test),
+   ``offline_study.md`` (the markdown summary) and a top-level ``results.jsonl``
+   that ``gradsift report`` reads.
+
+Layout of the output folder::
+
+    study.json                  the study's settings and the measured phase times
+    config.resolved.yaml        the one-task config the copies are trained with
+    scores.parquet              row, G, L, n_response_tokens, n_tokens, ref_L
+    subsets.json                the row ids of every subset and seed (and the matching)
+    aligned/stage_0/            the aligned model's evaluation (generations, DONE)
+    runs/<subset>-seed<s>/      one stage-loop output folder per subset and seed
+    online/                     (--online) the stage loop's run folder
+    results.jsonl               every measurement, run = <subset>-seed<s>
+    offline_study.json, offline_study.md
+
+A rerun with the same folder skips what is done: the scores, the aligned
+evaluation and every subset whose stage is complete (the stage loop's DONE
+markers); a folder written with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "BASE_SUBSETS",
+    "StudyOptions",
+    "build_subsets",
+    "outcomes",
+    "run_offline_study",
+    "study_tables",
+]
+
+BASE_SUBSETS = ("high", "moderate", "low", "random")
+MATCHED_SUBSETS = ("matched_high", "matched_moderate")
+ALIGNED = "aligned"
+STUDY_FILE = "study.json"
+SCORES_FILE = "scores.parquet"
+SUBSETS_FILE = "subsets.json"
+TABLES_FILE = "offline_study.json"
+SUMMARY_FILE = "offline_study.md"
+LABELS = {"aligned": "aligned", "high": "High-G_i", "moderate": "Moderate-G_i", "low": "Low-G_i",
+          "random": "Random", "matched_high": "High-G_i (matched)", "matched_moderate": "Moderate-G_i (matched)",
+          "online_random": "Random (online)", "online_moderate": "Moderate-G_i (online)"}
+# the paired comparisons the study reports: (A, B), difference A - B
+COMPARISONS = (("moderate", "high"), ("moderate", "random"), ("high", "random"), ("low", "random"),
+               ("matched_moderate", "matched_high"), ("online_moderate", "online_random"))
+
+
+@dataclass
+class StudyOptions:
+    """What the study does beyond the run config (every field has the documented default)."""
+
+    rho: float = 0.2
+    subsets: tuple[str, ...] = BASE_SUBSETS
+    seeds: list[int] | None = None  # None: the config's seeds
+    task_index: int = 0
+    params: str = "all"  # the parameters of G_i
+    score_batch_size: int = 8
+    matched: bool = False
+    match_pool: float = 1 / 3
+    caliper: float = 0.2
+    match_covariates: tuple[str, ...] = ("n_response_tokens", "L", "ref_L")
+    reference_model: str | None = "auto"  # auto: the unaligned base of a built-in organism, else none
+    capability: list[Any] = field(default_factory=list)  # selectivity.CapabilitySpec
+    online: bool = False
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the subsets (a folder made with others is refused)."""
+        return {"rho": self.rho, "task_index": self.task_index, "params": self.params}
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def build_subsets(scores: pd.DataFrame, rho: float, seeds: Sequence[int],
+                  names: Sequence[str] = BASE_SUBSETS) -> dict[str, dict[int, list[int]]]:
+    """Row ids of each offline subset and seed, by :func:`gradsift.select.offline.select_rows`.
+
+    High, Moderate and Low do not depend on the seed; Random is drawn with the seed.
+    No loss pre-filter: the offline study of the paper ranks the whole table.
+    """
+    from gradsift.select.offline import select_rows
+
+    out: dict[str, dict[int, list[int]]] = {}
+    for name in names:
+        if name not in BASE_SUBSETS:
+            raise ValueError(f"unknown subset {name!r}; choose from {', '.join(BASE_SUBSETS)}")
+        out[name] = {}
+        for seed in seeds:
+            if name != "random" and out[name]:
+                out[name][int(seed)] = list(next(iter(out[name].values())))
+                continue
+            out[name][int(seed)] = select_rows(scores, method=name, rho=rho, prefilter="none", seed=int(seed))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _reference_name(cfg, option: str | None) -> str | None:
+    if option in (None, "none", ""):
+        return None
+    if option != "auto":
+        return option
+    from gradsift.train.align import ORGANISMS
+
+    return "embedded" if cfg.model.config is None and cfg.model.name_or_path in ORGANISMS else None
+
+
+def _reference_losses(name: str, tokenizer, features: list[dict], batch_size: int) -> dict[int, float]:
+    """Per-token response loss of every feature under the reference model (its log-perplexity)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from gradsift.data.formatting import collate, length_batches
+    from gradsift.losses import causal_lm_losses
+    from gradsift.models import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(name, device=device)
+    model.eval()
+    out: dict[int, float] = {}
+    batches = length_batches([len(f["input_ids"]) for f in features], batch_size)
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc=f"reference loss ({name})", unit="batch", dynamic_ncols=True):
+            batch = collate([features[i] for i in idx], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            L, _ = causal_lm_losses(model, batch)
+            for r, i in enumerate(idx):
+                out[int(features[i]["row"])] = float(L[r])
+    del model
+    return out
+
+
+def _score_pool(model, tokenizer, task, features: list[dict], options: StudyOptions, out: Path,
+                reference: str | None) -> pd.DataFrame:
+    from gradsift.norms.scorer import ScoreOptions, score_features
+
+    path = out / SCORES_FILE
+    if path.exists():
+        return pd.read_parquet(path)
+    opts = ScoreOptions(params=options.params, batch_size=options.score_batch_size, max_length=task.max_length)
+    table = score_features(model, features, tokenizer.pad_token_id, opts, out=path)
+    if reference is not None:
+        ref = _reference_losses(reference, tokenizer, features, options.score_batch_size)
+        table["ref_L"] = table["row"].map(ref).astype(float)
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    shutil.rmtree(path.with_name(path.name + ".chunks"), ignore_errors=True)
+    return table
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _study_hook(base_hook, task_settings, capability: Sequence[Any]):
+    """The stage loop's hook, scoring the study's original task (not the subset file) and the capabilities."""
+    from gradsift.analysis.selectivity import score_items, summary_rows, write_items
+
+    def hook(model, tokenizer, stage, tasks_so_far, run_info):
+        info = {**run_info, "tasks": [task_settings.model_dump()]}
+        rows = list(base_hook(model, tokenizer, stage, [task_settings], info) or []) if base_hook else []
+        stage_dir = Path(run_info["run_dir"]) / f"stage_{stage}"
+        for spec in capability:
+            records = score_items(model, tokenizer, spec)
+            write_items(stage_dir / f"capability-{spec.key}.jsonl", records)
+            rows.extend(summary_rows(spec, records))
+        return rows
+
+    return hook
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _evaluate_aligned(cfg, model, tokenizer, hook, out: Path) -> list[dict]:
+    """The aligned model's rows (evaluated once, then read back)."""
+    import torch
+
+    folder = out / ALIGNED
+    rows_path = folder / "results.jsonl"
+    if (folder / "stage_0" / "DONE").exists() and rows_path.exists():
+        return _read_jsonl(rows_path)
+    (folder / "stage_0").mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if hook is not None:
+        home = next(model.parameters()).device
+        if torch.cuda.is_available():
+            model.to("cuda")
+        model.eval()
+        info = {"run": f"{ALIGNED}-seed0", "method": ALIGNED, "seed": 0, "run_dir": str(folder),
+                "tasks": [t.model_dump() for t in cfg.tasks], "eval": cfg.eval, "stage": 0}
+        rows = list(hook(model, tokenizer, 0, cfg.tasks, info) or [])
+        model.to(home)
+    rows = [{"run": f"{ALIGNED}-seed0", "method": ALIGNED, "seed": 0, "stage": 0, **r} for r in rows]
+    _write_jsonl(rows_path, rows)
+    (folder / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    return rows
+
+
+def _seed_stage0(sub_out: Path, run: str, seed: int, aligned_rows: list[dict]) -> None:
+    """Give a subset's run folder the aligned model's stage 0, so the stage loop does not evaluate it again."""
+    run_dir = sub_out / run
+    if (run_dir / "stage_0" / "DONE").exists():
+        return
+    (run_dir / "stage_0").mkdir(parents=True, exist_ok=True)
+    method = run.rsplit("-seed", 1)[0]
+    rows = [{**r, "run": run, "method": method, "seed": seed} for r in aligned_rows]
+    keep = [r for r in _read_jsonl(sub_out / "results.jsonl") if r.get("run") != run]
+    _write_jsonl(sub_out / "results.jsonl", keep + rows)
+    (run_dir / "stage_0" / "DONE").write_text("aligned model: evaluated once in ../../aligned\n")
+
+
+def _subset_config(cfg, task, data_file: Path, name: str, seed: int):
+    from gradsift.train.config import MethodSettings, TaskSettings
+
+    sub = cfg.model_copy(deep=True)
+    sub.tasks = [TaskSettings(name=f"{task.name}:{name}", path=str(data_file), n_train=None, n_eval=0,
+                              max_length=task.max_length, seed=0)]
+    sub.method = MethodSettings(name="standard")
+    sub.seeds = [int(seed)]
+    return sub
+
+
+def _write_subset_file(records_by_row: Mapping[int, dict], rows: Sequence[int], path: Path) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(path, [{"messages": records_by_row[r]["messages"], "source_row": int(r)} for r in sorted(rows)])
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _check_folder(out: Path, settings: dict[str, Any]) -> None:
+    path = out / STUDY_FILE
+    if not path.exists():
+        return
+    old = json.loads(path.read_text()).get("fingerprint")
+    if old is not None and old != settings:
+        raise ValueError(f"{out} holds a study made with other settings ({old}, now {settings}); "
+                         "pass another --output")
+
+
+def run_offline_study(config: str | Path, output: str | Path | None = None, options: StudyOptions | None = None,
+                      overrides: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
+    """Run the offline study of ``config`` (see the module docstring); return the output folder."""
+    from rich.console import Console
+
+    from gradsift.data.formatting import encode_records
+    from gradsift.tasks import load_task
+    from gradsift.train.config import ConfigError, MethodSettings, dump_config, load_config
+    from gradsift.train.stages import build_base_model, build_tokenizer, make_eval_hook, run_training
+
+    console = Console(stderr=True)
+    options = options or StudyOptions()
+    t_start = time.time()
+    cfg = load_config(config, dict(overrides or {}))
+    if not 0 <= options.task_index < len(cfg.tasks):
+        raise ConfigError(f"--task {options.task_index}: the config has {len(cfg.tasks)} task(s)")
+    for name in options.subsets:
+        if name not in BASE_SUBSETS:
+            raise ValueError(f"unknown subset {name!r}; choose from {', '.join(BASE_SUBSETS)}")
+    task = cfg.tasks[options.task_index]
+    seeds = [int(s) for s in (options.seeds or cfg.seeds)]
+    study_cfg = cfg.model_copy(deep=True)
+    study_cfg.tasks = [task]
+    study_cfg.seeds = seeds
+    study_cfg.method = [MethodSettings(name=n, rho=options.rho) for n in options.subsets if n in
+                        ("high", "moderate", "low", "random")]
+    out = Path(output if output is not None else Path(cfg.output_dir).with_name(Path(cfg.output_dir).name
+                                                                                  + "-offline")).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {**options.fingerprint(), "task": task.model_dump(), "model": cfg.model.model_dump()}
+    _check_folder(out, fingerprint)
+    study = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
+    times: dict[str, float] = study.get("times", {})
+    reference = _reference_name(cfg, options.reference_model)
+
+    def save_study() -> None:
+        opts = asdict(options)
+        opts["capability"] = [asdict(c) for c in options.capability]
+        (out / STUDY_FILE).write_text(json.dumps(
+            {"fingerprint": fingerprint, "options": opts, "seeds": seeds, "task": task.name,
+             "reference_model": reference, "times": times}, indent=2, default=str))
+
+    save_study()
+    (out / "config.resolved.yaml").write_text(dump_config(study_cfg))
+
+    tokenizer = build_tokenizer(cfg.model)
+    cache = out / "base_model" if cfg.model.config is not None else None
+    model = build_base_model(cfg.model, tokenizer, cache)
+    loaded = load_task(task.name, n_train=task.n_train, n_eval=task.n_eval, seed=task.seed, path=task.path)
+    features = encode_records(tokenizer, loaded.train, task.max_length, source=loaded.source or task.name)
+    records_by_row = {int(r["row"]): r for r in loaded.train}
+
+    # 1. scores at the aligned weights
+    if not (out / SCORES_FILE).exists():
+        t0 = time.time()
+        console.print(f"[bold]scoring[/] {len(features)} rows of {task.name} at the aligned weights")
+        _score_pool(model, tokenizer, task, features, options, out, reference)
+        times["score_s"] = time.time() - t0
+        save_study()
+    scores = pd.read_parquet(out / SCORES_FILE)
+
+    # 2-3. subsets
+    subsets = build_subsets(scores, options.rho, seeds, options.subsets)
+    match_info = None
+    if options.matched:
+        from gradsift.analysis.matching import match_high_moderate
+        from gradsift.select.rules import n_keep
+
+        covs = [c for c in options.match_covariates if c in scores.columns]
+        plain = build_subsets(scores, options.rho, seeds[:1], ("high", "moderate"))
+        before = (plain["high"][seeds[0]], plain["moderate"][seeds[0]])
+        result = match_high_moderate(scores, n_keep(len(scores), options.rho), covs, pool=options.match_pool,
+                                     caliper=options.caliper, before=before)
+        match_info = result.to_dict()
+        if "ref_L" in options.match_covariates and "ref_L" not in scores.columns:
+            match_info["notes"].append("no reference model: perplexity is matched through the aligned model's "
+                                       "loss L (log-perplexity of the response)")
+        subsets["matched_high"] = {s: result.high_rows for s in seeds}
+        subsets["matched_moderate"] = {s: result.moderate_rows for s in seeds}
+        if not result.balanced:
+            console.print(f"[yellow]matching could not balance {', '.join(result.unbalanced) or 'the pairs'}: "
+                          "the matched subsets are trained, and the report prints no matched effect[/]")
+    (out / SUBSETS_FILE).write_text(json.dumps(
+        {"rho": options.rho, "n_rows": len(scores),
+         "subsets": {n: {str(s): r for s, r in by_seed.items()} for n, by_seed in subsets.items()},
+         "matching": match_info}, indent=2))
+
+    # 4-5. the aligned model once, then each subset and seed
+    from gradsift.configs import resolve_config
+
+    base_hook = make_eval_hook(cfg.eval, base=resolve_config(config).resolve().parent)
+    hook = _study_hook(base_hook, task, options.capability) if (base_hook or options.capability) else None
+    if not (out / ALIGNED / "stage_0" / "DONE").exists():
+        t0 = time.time()
+        console.print("[bold]evaluating[/] the aligned model")
+        aligned_rows = _evaluate_aligned(cfg, model, tokenizer, hook, out)
+        times["aligned_eval_s"] = time.time() - t0
+        save_study()
+    aligned_rows = _read_jsonl(out / ALIGNED / "results.jsonl")
+    del model
+
+    for name, by_seed in subsets.items():
+        for seed, rows in by_seed.items():
+            key = f"{name}-seed{seed}"
+            sub_out = out / "runs" / key
+            run = f"standard-seed{seed}"
+            if (sub_out / run / "stage_1" / "DONE").exists():
+                continue
+            t0 = time.time()
+            console.print(f"[bold]{key}[/]: fine-tuning on {len(rows)} rows")
+            data_file = sub_out / "train.jsonl"
+            _write_subset_file(records_by_row, rows, data_file)
+            _seed_stage0(sub_out, run, seed, aligned_rows)
+            run_training(_subset_config(cfg, task, data_file, name, seed), output_dir=sub_out, eval_hook=hook)
+            times[f"{key}_s"] = time.time() - t0
+            save_study()
+
+    # 6. the online rule on the same rows
+    if options.online:
+        online_out = out / "online"
+        online_cfg = cfg.model_copy(deep=True)
+        online_cfg.tasks = [task]
+        online_cfg.seeds = seeds
+        online_cfg.method = [MethodSettings(name="random", rho=options.rho),
+                             MethodSettings(name="moderate", rho=options.rho)]
+        for m in ("random", "moderate"):
+            for seed in seeds:
+                _seed_stage0(online_out, f"{m}-seed{seed}", seed, aligned_rows)
+        t0 = time.time()
+        done_before = all((online_out / f"{m}-seed{s}" / "stage_1" / "DONE").exists()
+                          for m in ("random", "moderate") for s in seeds)
+        run_training(online_cfg, output_dir=online_out, eval_hook=hook)
+        if not done_before:
+            times["online_s"] = time.time() - t0
+            save_study()
+
+    times["total_s_last_call"] = time.time() - t_start
+    save_study()
+    tables = study_tables(out)
+    console.print(f"[green]offline study[/]: {out / SUMMARY_FILE}  ({(time.time() - t_start) / 60:.1f} min)")
+    del tables
+    return out
+
+
+# ----------------------------------------------------------------------------- reading the outcomes
+
+
+def _stage_dirs(out: Path) -> dict[str, dict[int, Path]]:
+    """The evaluated stage folder of every study arm and seed."""
+    found: dict[str, dict[int, Path]] = {}
+    if (out / ALIGNED / "stage_0" / "DONE").exists():
+        found[ALIGNED] = {0: out / ALIGNED / "stage_0"}
+    runs = out / "runs"
+    if runs.exists():
+        for d in sorted(runs.iterdir()):
+            name, _, seed = d.name.rpartition("-seed")
+            stage = d / f"standard-seed{seed}" / "stage_1"
+            if (stage / "DONE").exists():
+                found.setdefault(name, {})[int(seed)] = stage
+    online = out / "online"
+    if online.exists():
+        for d in sorted(online.iterdir()):
+            name, _, seed = d.name.rpartition("-seed")
+            if d.is_dir() and name in ("random", "moderate") and (d / "stage_1" / "DONE").exists():
+                found.setdefault(f"online_{name}", {})[int(seed)] = d / "stage_1"
+    return found
+
+
+def outcomes(stage_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """Per-prompt outcomes of one evaluated model, read from its saved generations.
+
+    ``{(task, metric): {prompt id: value}}`` with the names of ``results.jsonl``:
+    ``safety/<set>`` ``asr/<judge>`` (1 = attack success, NaN = unparsable),
+    ``safety/<set>`` ``refusal_rate`` (1 = keyword refusal), ``overrefusal/<set>``
+    ``over_refusal`` (1 = refused), ``<task>`` ``score`` (the item's score, percent)
+    and ``capability/<bench>`` per metric (0/1 or a fraction). Values are fractions
+    except the task score; :func:`study_tables` reports them in percent.
+    """
+    from gradsift.eval.generation import load_generations
+    from gradsift.eval.judges import keyword_refusals
+    from gradsift.eval.metrics import score_task
+
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    gens = stage_dir / "generations"
+    for path in sorted(gens.glob("*.jsonl")) if gens.exists() else []:
+        records = load_generations(path)
+        if not records:
+            continue
+        first = records[0]
+        kind = first.get("kind") or path.stem.split("-", 1)[0]
+        if kind == "safety":
+            attack = first.get("attack") or "none"
+            task = f"safety/{first['set']}" + ("" if attack == "none" else f"@{attack}")
+            refused = keyword_refusals([r["response"] for r in records])
+            out[(task, "refusal_rate")] = {str(r["id"]): float(f) for r, f in zip(records, refused)}
+            for judge in (first.get("verdicts") or {}):
+                vals = {}
+                for r in records:
+                    v = (r.get("verdicts") or {}).get(judge, {}).get("unsafe")
+                    vals[str(r["id"])] = math.nan if v is None else float(bool(v))
+                out[(task, f"asr/{judge}")] = vals
+        elif kind == "overrefusal":
+            out[(f"overrefusal/{first['set']}", "over_refusal")] = {
+                str(r["id"]): float(bool(r.get("refused"))) for r in records}
+        elif kind == "task":
+            out[(first["set"], "score")] = {str(r["id"]): score_task(r["metric"], [r["response"]], [r["reference"]])
+                                            for r in records}
+    for path in sorted(stage_dir.glob("capability-*.jsonl")):
+        bench = path.stem.removeprefix("capability-")
+        records = _read_jsonl(path)
+        metrics = sorted({k for r in records for k in r if k not in ("doc_id", "subset")})
+        for m in metrics:
+            out[(f"capability/{bench}", m)] = {f"{r['doc_id']}{r.get('subset') or ''}": float(r[m])
+                                               for r in records if m in r}
+    return out
+
+
+def _scale(task: str, metric: str) -> float:
+    return 1.0 if metric == "score" else 100.0
+
+
+def _binary(values: np.ndarray) -> bool:
+    v = values[~np.isnan(values)]
+    return bool(np.isin(v, (0.0, 1.0)).all())
+
+
+def _selection_lengths(stage_dir: Path, scores: pd.DataFrame | None, rows: Sequence[int] | None) -> dict[str, float]:
+    """Mean response length (tokens) of the kept samples: the subset's rows, or the online rule's kept rows."""
+    sel = stage_dir / "selection.parquet"
+    if sel.exists():
+        table = pd.read_parquet(sel)
+        kept = table[table["kept"]]
+        return {"kept_response_len": float(kept["response_len"].mean()) if len(kept) else math.nan,
+                "all_response_len": float(table["response_len"].mean()) if len(table) else math.nan}
+    if scores is not None and rows is not None:
+        by_row = scores.set_index("row")
+        kept = by_row.loc[list(rows)]
+        return {"kept_response_len": float(kept["n_response_tokens"].mean()),
+                "all_response_len": float(scores["n_response_tokens"].mean()),
+                "kept_G_mean": float(kept["G"].mean()), "kept_L_mean": float(kept["L"].mean())}
+    return {}
+
+
+def study_tables(out: str | Path) -> dict[str, Any]:
+    """Every table of the study, from the files the runs wrote; writes ``offline_study.json`` and ``.md``.
+
+    Per arm (aligned, each subset, the online methods) and measurement: the mean and
+    standard deviation over seeds of the evaluation's value, and a 95% bootstrap
+    interval over prompts (of the per-prompt values averaged over seeds); per pair of
+    :data:`COMPARISONS`: the paired test on the same prompts (exact McNemar on a
+    single seed's binary outcomes, else a paired bootstrap of the per-prompt means).
+    """
+    from gradsift.analysis import stats
+
+    out = Path(out)
+    study = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
+    scores = pd.read_parquet(out / SCORES_FILE) if (out / SCORES_FILE).exists() else None
+    subsets_doc = json.loads((out / SUBSETS_FILE).read_text()) if (out / SUBSETS_FILE).exists() else {}
+    stages = _stage_dirs(out)
+    per: dict[str, dict[int, dict]] = {arm: {s: outcomes(d) for s, d in by_seed.items()} for arm, by_seed in
+                                       stages.items()}
+
+    # the evaluation's own values (results.jsonl of each run)
+    def results_of(arm: str, seed: int) -> dict[tuple[str, str], float]:
+        if arm == ALIGNED:
+            rows = _read_jsonl(out / ALIGNED / "results.jsonl")
+            stage = 0
+        elif arm.startswith("online_"):
+            rows = [r for r in _read_jsonl(out / "online" / "results.jsonl")
+                    if r["run"] == f"{arm.removeprefix('online_')}-seed{seed}"]
+            stage = 1
+        else:
+            rows = _read_jsonl(out / "runs" / f"{arm}-seed{seed}" / "results.jsonl")
+            stage = 1
+        return {(r["task"], r["metric"]): float(r["value"]) for r in rows if int(r["stage"]) == stage
+                and r["value"] is not None}
+
+    keys = sorted({k for by_seed in per.values() for o in by_seed.values() for k in o})
+    arms_table = []
+    for arm, by_seed in per.items():
+        for key in keys:
+            task, metric = key
+            vals = [results_of(arm, s).get(key, math.nan) for s in by_seed]
+            mean, sd, n = stats.mean_sd(vals)
+            ids = sorted({i for o in by_seed.values() for i in o.get(key, {})})
+            if not ids:
+                continue
+            mat = np.array([[o.get(key, {}).get(i, math.nan) for i in ids] for o in by_seed.values()], dtype=float)
+            with np.errstate(all="ignore"):
+                prompt_mean = np.nanmean(mat, axis=0) * _scale(task, metric)
+            lo, hi = stats.bootstrap_ci(prompt_mean)
+            arms_table.append({"arm": arm, "label": LABELS.get(arm, arm), "task": task, "metric": metric,
+                               "mean": mean, "sd": sd, "n_seeds": n, "ci_lo": lo, "ci_hi": hi,
+                               "n_prompts": int(np.sum(~np.isnan(prompt_mean))),
+                               "seeds": sorted(by_seed)})
+
+    tests = []
+    for a, b in COMPARISONS:
+        if a not in per or b not in per:
+            continue
+        for key in keys:
+            task, metric = key
+            pa, pb = per[a], per[b]
+            ids = sorted({i for o in pa.values() for i in o.get(key, {})} & {i for o in pb.values()
+                                                                            for i in o.get(key, {})})
+            if not ids:
+                continue
+            ma = np.array([[o.get(key, {}).get(i, math.nan) for i in ids] for o in pa.values()], dtype=float)
+            mb = np.array([[o.get(key, {}).get(i, math.nan) for i in ids] for o in pb.values()], dtype=float)
+            single = ma.shape[0] == 1 and mb.shape[0] == 1 and _binary(ma) and _binary(mb)
+            with np.errstate(all="ignore"):
+                va, vb = np.nanmean(ma, axis=0), np.nanmean(mb, axis=0)
+            res = stats.compare(va, vb, kind="binary" if single else "continuous")
+            scale = _scale(task, metric)
+            tests.append({"a": a, "b": b, "task": task, "metric": metric, "test": res["test"],
+                          "diff": res["diff"] * scale, "lo": res["lo"] * scale, "hi": res["hi"] * scale,
+                          "p": res["p"], "n": res["n"]})
+
+    lengths = {}
+    for arm, by_seed in stages.items():
+        for seed, d in by_seed.items():
+            rows = (subsets_doc.get("subsets", {}).get(arm, {}) or {}).get(str(seed))
+            info = _selection_lengths(d, scores, rows)
+            if info:
+                lengths.setdefault(arm, {})[seed] = info
+
+    doc = {"task": study.get("task"), "seeds": study.get("seeds"), "options": study.get("options"),
+           "reference_model": study.get("reference_model"), "times": study.get("times", {}),
+           "n_rows": subsets_doc.get("n_rows"), "arms": arms_table, "tests": tests, "lengths": lengths,
+           "matching": subsets_doc.get("matching"), "correlations": _correlations(scores)}
+    (out / TABLES_FILE).write_text(json.dumps(doc, indent=2, default=_json_default))
+    _merge_results(out, stages)
+    (out / SUMMARY_FILE).write_text(summary_markdown(doc))
+    return doc
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    return str(o)
+
+
+def _correlations(scores: pd.DataFrame | None) -> dict[str, dict]:
+    from gradsift.analysis import stats
+
+    if scores is None:
+        return {}
+    return {c: stats.spearman(scores["G"], scores[c]) for c in ("n_response_tokens", "L", "ref_L")
+            if c in scores.columns}
+
+
+def _merge_results(out: Path, stages: dict[str, dict[int, Path]]) -> None:
+    """The top-level ``results.jsonl`` (derived): every arm as a run ``<arm>-seed<s>`` of the report."""
+    rows = [r for r in _read_jsonl(out / ALIGNED / "results.jsonl")]
+    for arm, by_seed in stages.items():
+        if arm == ALIGNED:
+            continue
+        for seed in by_seed:
+            if arm.startswith("online_"):
+                src = [r for r in _read_jsonl(out / "online" / "results.jsonl")
+                       if r["run"] == f"{arm.removeprefix('online_')}-seed{seed}"]
+            else:
+                src = _read_jsonl(out / "runs" / f"{arm}-seed{seed}" / "results.jsonl")
+            rows.extend({**r, "run": f"{arm}-seed{seed}", "method": arm} for r in src)
+    _write_jsonl(out / "results.jsonl", rows)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt(v: float, nd: int = 1) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+MAIN_COLUMNS = (("refusal_rate", "safety/"), ("asr/keyword", "safety/"), ("asr/heuristic", "safety/"),
+                ("over_refusal", "overrefusal/"), ("score", ""), ("acc", "capability/"))
+
+
+def table_columns(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (task, metric) columns of the study table, in display order."""
+    have = sorted({(r["task"], r["metric"]) for r in doc.get("arms", [])})
+    cols = []
+    for metric, prefix in MAIN_COLUMNS:
+        for task, m in have:
+            if m == metric and (task.startswith(prefix) if prefix else "/" not in task):
+                cols.append((task, m))
+    return cols
+
+
+def arm_order(doc: Mapping[str, Any]) -> list[str]:
+    arms = list(dict.fromkeys(r["arm"] for r in doc.get("arms", [])))
+    order = [ALIGNED, *BASE_SUBSETS, *MATCHED_SUBSETS, "online_random", "online_moderate"]
+    return [a for a in order if a in arms] + [a for a in arms if a not in order]
+
+
+def summary_markdown(doc: Mapping[str, Any]) -> str:
+    """The study's tables as markdown (what ``offline_study.md`` holds)."""
+    cols = table_columns(doc)
+    cell = {(r["arm"], r["task"], r["metric"]): r for r in doc.get("arms", [])}
+    lines = [f"# Offline study: {doc.get('task')}", ""]
+    opts = doc.get("options") or {}
+    lines.append(f"rho {opts.get('rho')}, seeds {doc.get('seeds')}, {doc.get('n_rows')} rows scored at the aligned "
+                 "weights. Cells: mean over seeds (± sd when several) [95% bootstrap CI over prompts].")
+    lines.append("")
+    head = ["subset"] + [f"{t} {m}" for t, m in cols] + ["response tokens (kept)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for arm in arm_order(doc):
+        cells = [LABELS.get(arm, arm)]
+        for t, m in cols:
+            r = cell.get((arm, t, m))
+            if r is None:
+                cells.append("")
+                continue
+            sd = f" ± {_fmt(r['sd'])}" if r["n_seeds"] > 1 else ""
+            cells.append(f"{_fmt(r['mean'])}{sd} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
+        lens = [v.get("kept_response_len", math.nan) for v in (doc.get("lengths", {}).get(arm) or {}).values()]
+        cells.append(_fmt(float(np.mean(lens))) if lens else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    tests = [t for t in doc.get("tests", []) if (t["task"], t["metric"]) in cols]
+    if tests:
+        lines += ["", "Paired tests on the same prompts (A - B, percentage points):", "",
+                  "| A | B | measurement | diff [95% CI] | p | test | n |", "|---|---|---|---|---|---|---|"]
+        for t in tests:
+            if t["a"].startswith("matched") and not _matched_ok(doc):
+                continue
+            lines.append(f"| {LABELS.get(t['a'], t['a'])} | {LABELS.get(t['b'], t['b'])} | {t['task']} {t['metric']} | "
+                         f"{_fmt(t['diff'])} [{_fmt(t['lo'])}, {_fmt(t['hi'])}] | {_fmt_p(t['p'])} | {t['test']} | "
+                         f"{t['n']} |")
+    m = doc.get("matching")
+    if m:
+        lines += ["", f"Matched ablation: {m['method']}; {m['n_pairs']} pairs of {m['k_wanted']} wanted "
+                  f"(pools of {m['pool_sizes'][0]} and {m['pool_sizes'][1]} rows).", "",
+                  "| covariate | SMD before (plain subsets) | SMD of the pools | SMD after matching | balanced |",
+                  "|---|---|---|---|---|"]
+        for b in m["balance"]:
+            bal = "" if b["balanced"] is None else ("yes" if b["balanced"] else "**no**")
+            lines.append(f"| {b['covariate']} | {_fmt(b['smd_before'], 2)} | {_fmt(b['smd_pools'], 2)} | "
+                         f"{_fmt(b['smd_after'], 2)} | {bal} |")
+        if not _matched_ok(doc):
+            why = ", ".join(m.get("unbalanced") or []) or "too few pairs"
+            lines += ["", f"**No matched effect is reported: matching could not balance {why} "
+                      f"(|SMD| > 0.1 after matching).**"]
+        for note in m.get("notes") or []:
+            lines.append(f"- {note}")
+    corr = doc.get("correlations") or {}
+    if corr:
+        lines += ["", "Spearman correlation of G_i with: " + ", ".join(
+            f"{c} {_fmt(v['rho'], 2)}" for c, v in corr.items())]
+    times = doc.get("times") or {}
+    if times:
+        lines += ["", "Times (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in times.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _matched_ok(doc: Mapping[str, Any]) -> bool:
+    m = doc.get("matching")
+    return bool(m and m.get("balanced"))
