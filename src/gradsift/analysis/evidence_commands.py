@@ -10,3 +10,57 @@ import typer
 def register(study: typer.Typer, fail: Callable[[BaseException], None],
              user_errors: tuple[type[BaseException], ...]) -> None:
     """Add this module's commands to the ``study`` group."""
+    register_offline(study, fail, user_errors)
+
+
+def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
+                     user_errors: tuple[type[BaseException], ...]) -> None:
+    """``gradsift study offline CONFIG``: the offline study, the matched ablation, selectivity, online."""
+    from pathlib import Path
+    from typing import Optional
+
+    @study.command("offline")
+    def offline(
+        config: str = typer.Argument(..., help="run config (file or shipped name); its first task is studied"),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default <output_dir>-offline)"),
+        seeds: Optional[list[int]] = typer.Option(None, "--seeds", help="seeds (repeat: --seeds 0 --seeds 1); "
+                                                  "default the config's"),
+        rho: float = typer.Option(0.2, help="fraction of the rows in each subset"),
+        task: int = typer.Option(0, "--task", help="index of the config's task to study"),
+        subsets: str = typer.Option("high,moderate,low,random", help="comma-separated: high, moderate, low, random"),
+        matched: bool = typer.Option(False, "--matched", help="add the High/Moderate pair matched on length, "
+                                     "loss and reference perplexity"),
+        caliper: float = typer.Option(0.2, help="matching caliper, in standard deviations of each covariate"),
+        match_pool: float = typer.Option(1 / 3, help="size of the High and the Moderate matching pools (fraction)"),
+        reference_model: str = typer.Option("auto", help="model whose response perplexity is a matching "
+                                            "covariate: auto (the base of a built-in organism), none, or a model"),
+        capability: Optional[list[str]] = typer.Option(None, "--capability", help="held-out capability of the "
+                                                       "selectivity test: BENCH=PATH (arc_challenge, boolq, "
+                                                       "truthfulqa_mc ...), repeatable"),
+        capability_limit: int = typer.Option(100, help="questions per capability benchmark"),
+        online: bool = typer.Option(False, "--online", help="also run Random and Moderate-G_i online "
+                                    "(the stage loop) at the same rho on the same rows"),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set optim.lr=2e-4"),
+        threads: Optional[int] = typer.Option(None, help="CPU threads"),
+    ) -> None:
+        """Table 2 of the paper on your model and data: fine-tune on High/Moderate/Low/Random-G_i subsets, evaluate."""
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from gradsift.analysis.offline import StudyOptions, run_offline_study
+        from gradsift.analysis.selectivity import parse_capability
+        from gradsift.train.config import ConfigError, parse_overrides
+
+        try:
+            names = tuple(s.strip() for s in subsets.split(",") if s.strip())
+            opts = StudyOptions(rho=rho, subsets=names, seeds=list(seeds) if seeds else None, task_index=task,
+                                matched=matched, caliper=caliper, match_pool=match_pool,
+                                reference_model=reference_model,
+                                capability=[parse_capability(c, capability_limit) for c in capability or []],
+                                online=online)
+            out = run_offline_study(config, output, opts, overrides=parse_overrides(list(set_ or [])))
+        except (ConfigError, *user_errors) as exc:
+            fail(exc)
+            return
+        typer.echo((out / "offline_study.md").read_text(), nl=False)
