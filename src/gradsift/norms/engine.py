@@ -24,6 +24,7 @@ pass instead of running a second backward.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -37,12 +38,66 @@ from gradsift.norms.rules.linear import GramCache, gram_or_materialize
 
 ParamSet = Literal["all", "trainable"]
 
+# fp16 loss scaling of the scoring backward (dynamic, as torch.amp.GradScaler): the first
+# scale, its bounds, the factor a scale that overflowed is divided by (the batch is then
+# run again), and how many batches in a row without overflow double it.
+INIT_LOSS_SCALE = 2.0**16
+MAX_LOSS_SCALE = 2.0**24
+LOSS_SCALE_BACKOFF = 8.0
+LOSS_SCALE_GROWTH_INTERVAL = 100
+
+
+def _compiled_type():
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - torch without dynamo
+        return None
+    return OptimizedModule
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / accelerate wrappers keep the real model in .module
-    while isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
-        model = model.module
-    return model
+    """The model inside torch.compile / DistributedDataParallel / DataParallel / DeepSpeed wrappers.
+
+    The hooks must sit on the modules that really run: a compiled wrapper's forward
+    runs its ``_orig_mod`` through dynamo (which would trace the hooks), the others
+    keep the real model in ``.module``. FSDP is left as it is (its modules are the
+    model's own).
+    """
+    compiled = _compiled_type()
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+                "DataParallel", "DeepSpeedEngine", "PipelineEngine"):
+            model = model.module
+        else:
+            return model
+
+
+@contextmanager
+def _eager(model: nn.Module):
+    """Run compiled submodules eagerly while scoring, so that every hook sees its call.
+
+    ``module.compile()`` sets ``_compiled_call_impl``; ``torch.compile(submodule)``
+    put in place of a submodule is an ``OptimizedModule``: both are switched to
+    their plain module for the duration, then restored.
+    """
+    compiled = _compiled_type()
+    undo = []
+    for module in model.modules():
+        if module.__dict__.get("_compiled_call_impl") is not None:
+            undo.append((module.__dict__, "_compiled_call_impl", module.__dict__["_compiled_call_impl"]))
+            module.__dict__["_compiled_call_impl"] = None
+        if compiled is not None:
+            for name, child in list(module._modules.items()):
+                if isinstance(child, compiled):
+                    undo.append((module._modules, name, child))
+                    module._modules[name] = child._orig_mod
+    try:
+        yield
+    finally:
+        for where, key, value in reversed(undo):
+            where[key] = value
 
 
 class _Group:
@@ -176,6 +231,16 @@ class GhostNormEngine:
         strict: raise instead of falling back when a parameter has no rule.
         trim_logits: compute the logits only at positions that predict a response
             token (exact: the other positions' logits get no gradient).
+        verify: check the first backward pass against the batch-size-1 loop, parameter
+            group by parameter group, on two samples; raise
+            :class:`~gradsift.norms.verify.NormCheckError` on a mismatch (see
+            ``gradsift.norms.verify``).
+
+    Packed rows (``position_ids`` that restart, ``cu_seq_lens_*``, ``seq_idx``) are
+    split into their samples (``gradsift.norms.packing``): L and G then have one
+    entry per packed sample, described by ``engine.segments``. With fp16 weights or
+    fp16 autocast the scoring backward is loss scaled (dynamic, a power of two) and
+    unscaled, so small activation gradients do not underflow.
 
     Usage::
 
@@ -186,7 +251,7 @@ class GhostNormEngine:
     """
 
     def __init__(self, model: nn.Module, params: ParamSet = "all", keep_grads: bool = False, strict: bool = False,
-                 trim_logits: bool = True):
+                 trim_logits: bool = True, verify: bool = False):
         if params not in ("all", "trainable"):
             raise ValueError(f"params must be 'all' or 'trainable', got {params!r}")
         self.model = _unwrap(model)
@@ -202,6 +267,17 @@ class GhostNormEngine:
         self._sq: torch.Tensor | None = None
         self._fallback_grads: dict[int, torch.Tensor] = {}
         self._handles = []
+        self.verify = verify
+        self._verified = False
+        self.verify_seconds: float | None = None  # what the self-check took
+        self.segments = None  # the packed samples of the last batch (None: one sample per row)
+        self._independent_layouts: set[tuple] = set()
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._fp16 = False
+        self._compute_dtype = torch.float32
+        self._loss_scale = INIT_LOSS_SCALE  # fp16: the next batch's loss scale
+        self._good_batches = 0
+        self._grad_scale = 1.0  # the loss scale of what the last backward captured
         self._plan(strict)
 
     # ------------------------------------------------------------------ planning
@@ -331,10 +407,36 @@ class GhostNormEngine:
 
     # ------------------------------------------------------------------ API
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run the model on a right-padded batch; return the per-sample losses L (B,), float32."""
+        """Run the model on a right-padded batch; return the per-sample losses L (B,), float32.
+
+        A packed batch is split into its samples first (see ``segments``); L has one
+        entry per packed sample then.
+        """
+        from gradsift.norms import packing
+
+        self.segments = packing.find_segments(batch)
+        if self.segments is not None:
+            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+            unpacked = packing.unpack(batch, self.segments, pad if isinstance(pad, int) else 0)
+            layout = packing.layout_key(batch)
+            if layout not in self._independent_layouts:
+                was = self.model.training
+                self.model.eval()
+                try:
+                    with _eager(self.model):
+                        packing.check_independent(self.model, batch, unpacked, self.segments)
+                finally:
+                    self.model.train(was)
+                self._independent_layouts.add(layout)
+            batch = unpacked
+        self._batch = batch
+        return self._forward(batch)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clear()
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask = batch.get("attention_mask")
+        extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
         self._B = input_ids.shape[0]
         self._was_training = self.model.training
         self.model.eval()  # no dropout while scoring
@@ -344,43 +446,102 @@ class GhostNormEngine:
             p.requires_grad_(id(p) in keep)
         self._active = True
         try:
-            with torch.enable_grad():
-                L, _ = causal_lm_losses(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                     "labels": labels}, trim=self.trim_logits, use_cache=False)
+            with torch.enable_grad(), _eager(self.model):
+                L, out = causal_lm_losses(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                       "labels": labels}, trim=self.trim_logits, use_cache=False,
+                                          **extra)
         finally:
             self._active = False
             for p, flag in saved:
                 p.requires_grad_(flag)
         if not self._roots:
             raise RuntimeError("no nn.Embedding was called in the forward pass: cannot backpropagate to score samples")
+        self._compute_dtype = self._dtype_of(out)
+        self._fp16 = self._compute_dtype == torch.float16
         self._graph_loss = L
         self._L = L.detach()
         return self._L
 
+    def _dtype_of(self, out) -> torch.dtype:
+        """The dtype the forward computed in: autocast's, else the embedding output's or the logits'."""
+        dev = self._roots[0].device.type
+        try:
+            if torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev)
+        except (TypeError, RuntimeError):  # pragma: no cover - older torch
+            pass
+        logits = getattr(out, "logits", None)
+        dtypes = {t.dtype for t in [*self._roots, logits] if isinstance(t, torch.Tensor)}
+        for low in (torch.float16, torch.bfloat16):
+            if low in dtypes:
+                return low
+        return self._roots[0].dtype
+
     def backward(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One backward pass of sum_{i in mask} L_i; returns G (B,) (0 outside the mask)."""
+        """One backward pass of sum_{i in mask} L_i; returns G (B,) (0 outside the mask).
+
+        fp16: sum_i L_i is multiplied by the loss scale S before the backward, the
+        squared norms are divided by S^2 and the kept gradients by S; if anything
+        overflowed, the batch is run again with S / 8. With ``verify`` the first
+        backward is checked against the per-sample loop before G is returned.
+        """
         if self._graph_loss is None:
             raise RuntimeError("call forward(batch) before backward()")
         L = self._graph_loss
         if mask is None:
             mask = torch.ones_like(L, dtype=torch.bool)
         mask = mask.to(L.device).bool()
+        scale = self._loss_scale if self._fp16 else 1.0
+        checking = self.verify and not self._verified and bool(mask.any())
+        if checking:
+            from gradsift.norms.verify import recording
+        while True:
+            with (recording(self) if checking else nullcontext()) as record:
+                self._backward_pass(L, mask, scale)
+            if scale <= 1.0 or bool(torch.isfinite(self._sq).all()) or not bool(torch.isfinite(L[mask]).all()):
+                break
+            # overflow in the scaled backward: run the batch again with a smaller scale
+            scale = max(1.0, scale / LOSS_SCALE_BACKOFF)
+            was = self._was_training
+            self._forward(self._batch)
+            self._was_training = was
+            L = self._graph_loss
+        if self._fp16:
+            if scale < self._loss_scale:
+                self._loss_scale, self._good_batches = scale, 0
+            else:
+                self._good_batches += 1
+                if self._good_batches >= LOSS_SCALE_GROWTH_INTERVAL and self._loss_scale < MAX_LOSS_SCALE:
+                    self._loss_scale, self._good_batches = self._loss_scale * 2, 0
+        self._grad_scale = scale
+        if scale != 1.0:
+            self._sq = self._sq / scale**2
+        self._graph_loss = None
+        self._roots = []
+        if self._was_training:
+            self.model.train()
+        if checking:
+            from gradsift.norms.verify import check_first_batch
+
+            self._verified = True
+            group_sq = {k: v / scale**2 for k, v in record.items()}
+            self.verify_seconds = check_first_batch(self, self._batch, mask, group_sq, self._sq.detach().double().cpu(),
+                                                    self._compute_dtype, loss_scale=scale)
+        return self._sq.clamp_min(0).sqrt()
+
+    def _backward_pass(self, L: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
         self._sq = torch.zeros(self._B, dtype=torch.float32, device=L.device)
         for g in self.groups:
             g.received = 0
-        total = (L * mask).sum()
+        scaled = L * scale if scale != 1.0 else L
+        total = (scaled * mask).sum()
         if self.fallback:
-            self._fallback_pass(L, mask)
+            self._fallback_pass(scaled, mask)
         self._ignore_grads = False
         torch.autograd.grad(total, self._roots, allow_unused=True)
         for g in self.groups:
             if g.received != -1 and g.all_calls():
                 self._finalize(g)
-        self._graph_loss = None
-        self._roots = []
-        if self._was_training:
-            self.model.train()
-        return self._sq.clamp_min(0).sqrt()
 
     def _fallback_pass(self, L: torch.Tensor, mask: torch.Tensor) -> None:
         self._ignore_grads = True
@@ -413,6 +574,7 @@ class GhostNormEngine:
         index = torch.as_tensor(index, dtype=torch.long).flatten()
         if index.numel() == 0:
             return
+        scale = scale / self._grad_scale  # fp16: what the backward captured is loss scaled
         for g in self.groups:
             if g.trainable:
                 g.accumulate(index.to(_device_of(g)), scale)
