@@ -121,18 +121,6 @@ def test_moderate_step_equals_fresh_backward_on_kept(tmp_path, params):
     torch.testing.assert_close(loss, L_ref[kept].mean().float(), rtol=1e-5, atol=1e-6)
 
 
-def test_grad_accumulation_scales_the_step(tmp_path):
-    model = tiny_lora_model()
-    batch = make_batch()
-    trainer = make_trainer(model, tmp_path, "high", rho=0.2)
-    trainer.current_gradient_accumulation_steps = 4
-    trainer.training_step(trainer.model, dict(batch))
-    got = trainable_grads(model)
-    kept = torch.tensor([i for i, r in enumerate(trainer.selection_records) if r["kept"]])
-    ref = fresh_grads_on(model, batch, kept)
-    assert_grads_close(got, {n: g / 4 for n, g in ref.items()})
-
-
 def test_random_keeps_n_keep_and_steps_on_them(tmp_path):
     model = tiny_lora_model()
     batch = make_batch()

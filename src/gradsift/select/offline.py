@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 
 from gradsift.data.records import read_rows
-from gradsift.select.rules import n_keep, select
+from gradsift.select.methods import select
+from gradsift.select.rules import n_keep
 
 
 def select_rows(scores: pd.DataFrame, method: str = "moderate", rho: float = 0.2, prefilter: str = "none",

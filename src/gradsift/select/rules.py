@@ -116,17 +116,3 @@ def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> t
     """k of n indices uniformly at random (sorted)."""
     k = min(k, n)
     return torch.sort(torch.randperm(n, generator=generator)[:k]).values
-
-
-METHODS = {"moderate": moderate, "high": high, "low": low}
-
-
-def select(method: str, G, L=None, rho: float = 0.2, prefilter: Prefilter = "mean_std",
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dispatch by name: moderate, high, low or random."""
-    if method == "random":
-        n = len(G) if G is not None else len(L)
-        return random_subset(n, n_keep(n, rho), generator)
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; choose one of {sorted(METHODS) + ['random']}")
-    return METHODS[method](G, L, rho=rho, prefilter=prefilter)

@@ -1,7 +1,7 @@
 """Training configuration: one YAML file, validated with pydantic.
 
-The defaults are the paper's setup: LoRA r=32 / alpha=64, AdamW, lr 1e-4, batch 32,
-one epoch per task, Moderate-G_i with rho=0.2, G_i over all parameters and the
+The defaults are the paper's setup: LoRA r=32 / alpha=64, AdamW, lr 1e-4, batch 32
+(samples per optimizer step, over all processes), one epoch per task, Moderate-G_i with rho=0.2, G_i over all parameters and the
 mean +- std loss pre-filter.
 
 A minimal file::
@@ -27,8 +27,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("standard", "moderate", "random", "high", "low", "kl", "ewc", "olora", "clip")
-SELECTION_METHODS = ("moderate", "random", "high", "low")
+from gradsift.select.methods import method_names, selection_method_names
+
+METHODS = method_names()  # the one registry: gradsift.select.methods
+SELECTION_METHODS = selection_method_names()
 # Names of the built-in tasks; used only when the task registry cannot be imported.
 _FALLBACK_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca")
 
@@ -42,11 +44,17 @@ class _Section(BaseModel):
 
 
 class LoraSettings(_Section):
-    """LoRA adapter settings (the paper: r=32, alpha=64)."""
+    """LoRA adapter settings (the paper: r=32, alpha=64).
+
+    ``dropout``: the adapters' dropout, the same for every method (default 0). The
+    selection methods score with dropout off; with ``dropout > 0`` their update comes
+    from a second forward/backward of the kept samples with dropout on, so that every
+    method trains with the same dropout.
+    """
 
     r: int = Field(32, gt=0)
     alpha: float = Field(64, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 
@@ -98,14 +106,19 @@ class MethodSettings(_Section):
     gradient is formed: ``reuse`` assembles it from the scoring pass (no second
     backward), ``recompute`` runs a fresh forward/backward on the kept samples
     (needed under FSDP / DeepSpeed, where parameters are sharded), ``auto`` picks
-    ``reuse`` unless the run is sharded.
+    ``reuse`` unless the run is sharded, or the optimizer batch spans several
+    micro-batches and its per-sample trainable gradients would take more memory than
+    the model's weights (full fine-tuning), or the adapters have dropout.
+    ``verify``: let the norm engine check its rules against a fresh backward on the
+    first batch (a one-off cost; off for benchmarks).
     """
 
-    name: Literal["standard", "moderate", "random", "high", "low", "kl", "ewc", "olora", "clip"] = "moderate"
+    name: str = "moderate"
     rho: float = Field(0.2, gt=0, le=1)
     params: Literal["all", "trainable"] = "all"
     prefilter: Literal["mean_std", "percentile", "none"] = "mean_std"
     selection_backward: Literal["auto", "reuse", "recompute"] = "auto"
+    verify: bool = True
     kl_beta: float = Field(0.1, ge=0)
     ewc_lambda: float = Field(100.0, ge=0)
     ewc_samples: int = Field(256, gt=0)
@@ -115,6 +128,8 @@ class MethodSettings(_Section):
     @field_validator("name", mode="before")
     @classmethod
     def _known_method(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            raise ValueError(f"a method name is a string; choose one of {', '.join(METHODS)}")
         if isinstance(v, str) and v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
         return v
@@ -123,19 +138,54 @@ class MethodSettings(_Section):
 class OptimSettings(_Section):
     """AdamW and its schedule (the paper: lr 1e-4, batch 32, one epoch per task).
 
+    ``batch_size``: samples per optimizer step over all processes (the paper's 32);
+    selection runs over all of them. Each process gets ``batch_size / processes``
+    samples per step, as one micro-batch, or as ``micro_batch_size``-sized
+    micro-batches (the largest divisor of the per-process share that is at most
+    ``micro_batch_size``: a memory cap) accumulated over several forward passes.
+    ``grad_accum`` (older configs) fixes the number of micro-batches instead.
+    ``loss_reduction``: ``sample_mean`` (default: the mean over samples of each
+    sample's token-mean loss) or ``token_mean`` (the mean over every response token
+    of the optimizer batch, as ``transformers``/TRL compute it); the same for every
+    method, in ``compute_loss`` and in the selection step's update.
     ``max_grad_norm``: gradient clipping for every method (off by default; the
     ``clip`` method uses ``method.clip_norm``).
     """
 
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)
+    grad_accum: int | None = Field(None, gt=0)
+    loss_reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
     epochs: float = Field(1, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int | None = Field(None, gt=0)
     max_grad_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> OptimSettings:
+        if self.micro_batch_size is not None and self.grad_accum is not None:
+            raise ValueError("optim.grad_accum: give micro_batch_size or grad_accum, not both")
+        return self
+
+    def per_process(self, processes: int = 1) -> tuple[int, int]:
+        """``(micro_batch, accumulation)`` per process so that micro x accumulation x processes = batch_size."""
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        if self.batch_size % processes:
+            raise ConfigError(f"optim.batch_size: {self.batch_size} samples per optimizer step do not split "
+                              f"evenly over {processes} processes")
+        share = self.batch_size // processes
+        if self.grad_accum is not None:
+            if share % self.grad_accum:
+                raise ConfigError(f"optim.grad_accum: {share} samples per process and step do not split into "
+                                  f"{self.grad_accum} micro-batches")
+            return share // self.grad_accum, self.grad_accum
+        cap = min(self.micro_batch_size or share, share)
+        micro = max(d for d in range(1, cap + 1) if share % d == 0)
+        return micro, share // micro
 
 
 class RunConfig(_Section):

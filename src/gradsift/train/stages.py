@@ -330,6 +330,7 @@ def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: Path, 
     from transformers import TrainingArguments
 
     o = cfg.optim
+    micro, accum = o.per_process(int(os.environ.get("WORLD_SIZE", "1")))  # optim.batch_size is per optimizer step
     if method.name == "clip":
         max_grad_norm = method.clip_norm
     else:
@@ -337,8 +338,8 @@ def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: Path, 
     report = "none" if cfg.report_to == "none" else [cfg.report_to]
     return TrainingArguments(
         output_dir=str(stage_dir / "trainer"),
-        per_device_train_batch_size=o.batch_size,
-        gradient_accumulation_steps=o.grad_accum,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
         num_train_epochs=o.epochs,
         max_steps=o.max_steps or -1,
         learning_rate=o.lr,
@@ -487,6 +488,7 @@ def _run_one(
             train_dataset=features,
             data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
             method=method,
+            loss_reduction=cfg.optim.loss_reduction,
             selection_seed=seed * 1000 + stage,
             stage_label=label,
             kl_reference=kl_reference,
@@ -508,7 +510,9 @@ def _run_one(
 
         summary: dict[str, float] = {"train/loss": float(output.training_loss), "train/runtime_s": runtime,
                                      "train/steps": float(output.global_step), "train/samples": float(len(features)),
-                                     "train/processes": float(ranks.world), "train/sharded": float(sharded)}
+                                     "train/processes": float(ranks.world), "train/sharded": float(sharded),
+                                     "train/dropout": float(cfg.model.lora.dropout if cfg.model.lora else 0.0),
+                                     "train/token_mean_loss": float(cfg.optim.loss_reduction == "token_mean")}
         if ranks.main:
             save_stage_weights(cfg, method, model, stage_dir, stage, state_dict=full_state)
             if method.name in SELECTION_METHODS:  # the records of the global batches live on the main process

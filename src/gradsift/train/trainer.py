@@ -4,18 +4,23 @@
 (optimizer, scheduler, gradient accumulation, mixed precision, accelerate,
 logging, ``report_to``) and changes only what one training step computes:
 
-- selection methods (``moderate``, ``high``, ``low``, ``random``): one forward of
-  the whole batch through :class:`~gradsift.norms.GhostNormEngine`, the loss
-  pre-filter, ONE backward of the survivors' losses that yields their exact G_i,
-  the selection rule, and the kept samples' gradient assembled from that same
-  pass (``accumulate_grad``; no second backward);
-- ``standard`` / ``clip``: the mean over samples of the per-sample loss L_i;
+- selection methods (``moderate``, ``high``, ``low``, ``random``; the objects of
+  :mod:`gradsift.select.methods`): the method's rule runs over the whole OPTIMIZER
+  batch (every micro-batch of the accumulation window, on every process). Each
+  micro-batch is scored as it comes (one forward and ONE backward through
+  :class:`~gradsift.norms.GhostNormEngine`: its L_i and exact G_i); the last one
+  pools the window's L and G, applies the loss pre-filter and the rule, and builds
+  the kept samples' gradient: from the scoring pass itself when the window is one
+  micro-batch, else from per-sample trainable gradients kept per micro-batch
+  (LoRA) or a second forward/backward of the kept rows (full fine-tuning, sharded
+  runs, dropout);
+- ``standard`` / ``clip``: the mean over samples of the per-sample loss L_i (or
+  the token mean, ``loss_reduction="token_mean"``);
 - ``kl`` / ``ewc`` / ``olora``: that loss plus the method's penalty.
 
-Under DDP the selection runs over the GLOBAL batch: L and G are all-gathered, every
-rank picks the same kept set, adds its local kept rows' gradient scaled by
-1/|global kept| and the trainable gradients are summed across ranks once per
-optimizer step.
+Under DDP L and G are all-gathered, every rank picks the same kept set, adds its
+local kept rows' gradient and the trainable gradients are summed across ranks in
+one flat collective per optimizer step.
 
 A drop-in for users with their own data: :class:`ModerateGiTrainer` (and
 ``ModerateGiSFTTrainer`` on ``trl.SFTTrainer`` when trl is installed). Their
@@ -41,7 +46,8 @@ from gradsift.train.baselines import (
     response_lengths,
     token_kl,
 )
-from gradsift.train.config import METHODS, SELECTION_METHODS, MethodSettings
+from gradsift.select.methods import get_method
+from gradsift.train.config import METHODS, MethodSettings
 
 __all__ = [
     "GradsiftTrainer",
@@ -85,8 +91,7 @@ def _resolve_method(method: str | MethodSettings, overrides: dict[str, Any]) -> 
     if isinstance(method, MethodSettings):
         settings = method.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     else:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        get_method(method)  # a one-line error for an unknown name
         settings = MethodSettings(name=method, **{k: v for k, v in overrides.items() if v is not None})
     return settings
 
@@ -97,7 +102,9 @@ class SelectionStepMixin:
     Keyword arguments (besides the Trainer's own): ``method`` (a name or
     :class:`~gradsift.train.config.MethodSettings`), ``rho``, ``params``,
     ``prefilter``, ``selection_backward``, ``selection_seed``, ``stage_label``
-    (named in error messages).
+    (named in error messages), ``loss_reduction`` (``"sample_mean"``, the default:
+    the mean over samples of their token-mean loss; or ``"token_mean"``: the mean over
+    every response token of the optimizer batch, as ``transformers`` computes it).
     """
 
     def __init__(
@@ -110,14 +117,19 @@ class SelectionStepMixin:
         selection_backward: str | None = None,
         selection_seed: int = 0,
         stage_label: str | None = None,
+        loss_reduction: str = "sample_mean",
         **kwargs,
     ):
+        if loss_reduction not in ("sample_mean", "token_mean"):
+            raise ValueError(f"loss_reduction must be 'sample_mean' or 'token_mean', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         self.method = _resolve_method(
             method, {"rho": rho, "params": params, "prefilter": prefilter, "selection_backward": selection_backward}
         )
         self.stage_label = stage_label or "training"
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if self.method.name in SELECTION_METHODS and getattr(targs, "gradient_checkpointing", False):
+        self.method_spec = get_method(self.method.name)
+        if self.method_spec.selects and getattr(targs, "gradient_checkpointing", False):
             # the scoring pass reads every layer's input and output gradient; recomputed
             # (checkpointed) blocks would be captured twice. TRL's SFTConfig turns it on by default.
             import warnings
@@ -128,17 +140,23 @@ class SelectionStepMixin:
         self._selection_generator = torch.Generator().manual_seed(int(selection_seed))
         self._engine = None
         self._pending: list[dict[str, float]] = []
+        self._window: list[dict[str, Any]] = []  # the scored micro-batches of the current optimizer batch
+        self._pooled = 0
+        self._strategy = "captures"
+        self._has_dropout: bool | None = None
         self.selection_records: list[dict[str, Any]] = []
         super().__init__(*args, **kwargs)
         self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps  # set per step by train()
-        # Our losses are per-batch means: the Trainer divides them by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
-        self.model_accepts_loss_kwargs = False
+        # sample_mean: our losses are per-batch means, the Trainer divides them by the accumulation steps.
+        # token_mean: the Trainer counts the optimizer batch's loss tokens (num_items_in_batch), we divide by it.
+        token_mean = self.loss_reduction == "token_mean"
+        self.loss_is_scaled_for_ga = token_mean
+        self.model_accepts_loss_kwargs = token_mean
 
     # ------------------------------------------------------------------ helpers
     @property
     def uses_selection(self) -> bool:
-        return self.method.name in SELECTION_METHODS
+        return self.method_spec.selects
 
     @property
     def shards_parameters(self) -> bool:
@@ -153,20 +171,16 @@ class SelectionStepMixin:
             return getattr(plugin, "zero_stage", 3) == 3
         return False
 
-    def _selection_backward_mode(self) -> str:
-        mode = self.method.selection_backward
-        if mode != "auto":
-            return mode
-        from accelerate.utils import DistributedType
-
-        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        return "recompute" if sharded else "reuse"
-
     def _get_engine(self, model: nn.Module):
         if self._engine is None:
             from gradsift.norms import GhostNormEngine
 
-            self._engine = GhostNormEngine(model, params=self.method.params, keep_grads=True)
+            import inspect
+
+            kwargs = {}
+            if "verify" in inspect.signature(GhostNormEngine).parameters:
+                kwargs["verify"] = self.method.verify
+            self._engine = GhostNormEngine(model, params=self.method.params, keep_grads=True, **kwargs)
         return self._engine
 
     def close_engine(self) -> None:
@@ -176,6 +190,7 @@ class SelectionStepMixin:
             self._engine = None
 
     def train(self, *args, **kwargs):
+        self._window, self._pooled = [], 0
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -208,13 +223,23 @@ class SelectionStepMixin:
         return torch.cat([p[:c] for p, c in zip(parts, counts)]), sum(counts[:rank])
 
     def _all_reduce_trainable_grads(self, model: nn.Module) -> None:
-        """Sum the trainable gradients across ranks (manual ``p.grad`` writes bypass the DDP reducer)."""
-        for p in model.parameters():
-            if not p.requires_grad:
-                continue
+        """Sum the trainable gradients across ranks in one flat collective (per dtype; manual
+        ``p.grad`` writes bypass the DDP reducer)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            grads = [p.grad for p in group]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
 
     # ------------------------------------------------------------------ the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -222,116 +247,268 @@ class SelectionStepMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         return self._selection_step(model, inputs)
 
-    def _select(self, G: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        from gradsift import select
+    def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
 
-        rule = {"moderate": select.moderate, "high": select.high, "low": select.low}[self.method.name]
-        prefilter = None if self.method.prefilter == "none" else self.method.prefilter
-        return rule(G, L, rho=self.method.rho, prefilter=prefilter)
+    def _dropout_active(self, model: nn.Module) -> bool:
+        """The model has dropout in training mode (LoRA dropout, or the model's own)."""
+        if self._has_dropout is None:
+            config = getattr(model, "config", None)
+            own = any(float(getattr(config, k, 0) or 0) > 0 for k in ("attention_dropout", "hidden_dropout"))
+            self._has_dropout = own or any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        return self._has_dropout
+
+    def _update_strategy(self, model: nn.Module, one_pass: bool) -> str:
+        """How the kept samples' gradient is built for this optimizer batch.
+
+        ``captures``: from the scoring pass's captures (one micro-batch, no second backward);
+        ``per_sample``: per-sample trainable gradients kept for every micro-batch of the
+        window, the kept ones summed at its end; ``recompute``: a second forward/backward
+        of the kept rows at the end of the window.
+        """
+        mode = self.method.selection_backward
+        if mode == "auto":
+            from accelerate.utils import DistributedType
+
+            sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            if sharded or self._dropout_active(model):
+                mode = "recompute"
+            elif one_pass or not self.method_spec.needs_scores:
+                mode = "reuse"
+            else:
+                rows = self.args.per_device_train_batch_size * max(1, int(self.current_gradient_accumulation_steps))
+                per_sample = rows * sum(p.numel() for p in self._trainable(model)) * 4
+                weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                mode = "reuse" if per_sample <= weights else "recompute"
+        if mode == "recompute":
+            return "recompute"
+        return "captures" if one_pass or not self.method_spec.needs_scores else "per_sample"
 
     def _selection_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        from gradsift import select
+        """One micro-batch of an optimizer batch: scored now, selected with the others at the window's end.
 
+        The Trainer calls this once per micro-batch and sets ``sync_gradients`` on the
+        last one of the accumulation window; that call pools the window's L and G (over
+        every rank too), runs the method's rule over the whole optimizer batch and builds
+        the kept samples' gradient.
+        """
         model.train()
         inputs = self._prepare_inputs(inputs)
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
         rows = inputs.get("row")
         unwrapped = self.accelerator.unwrap_model(model)
         engine = self._get_engine(unwrapped)
-        world = self.accelerator.num_processes
-        ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)))
-        mode = self._selection_backward_mode()
-        prefilter = None if self.method.prefilter == "none" else self.method.prefilter
+        end = bool(self.accelerator.sync_gradients)
+        if not self._window:
+            self._strategy = self._update_strategy(unwrapped, one_pass=end)
         try:
-            if self.method.name == "random":
-                # Random needs no score to choose: L of the batch from a gradient-free
-                # forward (for the record), then the engine on the kept rows only.
-                with torch.no_grad():
-                    L_local = causal_lm_losses(unwrapped.eval(), batch)[0].float()
-            else:
-                L_local = engine.forward(batch).float()
-            b = L_local.numel()
-            L, offset = self._gather_1d(L_local)
-            n = L.numel()
-            rows_all = self._gather_1d(rows.to(L.device))[0] if torch.is_tensor(rows) else None
-            if not bool(torch.isfinite(L).all()):
-                self._raise_non_finite("loss", L, rows_all)
-
-            if self.method.name == "random":
-                k = select.n_keep(n, self.method.rho)
-                kept = select.random_subset(n, k, self._selection_generator).to(L.device)
-                scored = torch.zeros(n, dtype=torch.bool, device=L.device)
-                scored[kept] = True
-            elif prefilter is not None:
-                scored = select.prefilter_mask(L, prefilter).to(L.device)
-            else:
-                scored = torch.ones(n, dtype=torch.bool, device=L.device)
-
-            local_mask = scored[offset : offset + b]
-            G_local = torch.zeros(b, dtype=torch.float32, device=L.device)
-            if self.method.name == "random":
-                # the kept rows alone go through the scoring pass (their G_i and gradient)
-                local_rows = local_mask.nonzero().flatten()
-                if local_rows.numel():
-                    sub = {k: v[local_rows.to(v.device)] for k, v in batch.items()}
-                    engine.forward(sub)
-                    G_local[local_rows] = engine.backward().float().to(L.device)
-            elif bool(local_mask.any()):
-                G_local = engine.backward(local_mask).float()
-            G, _ = self._gather_1d(G_local.to(L.device))
-            if not bool(torch.isfinite(G).all()):
-                self._raise_non_finite("gradient norm", G, rows_all)
-            if self.method.name != "random":
-                kept = self._select(G, L).to(L.device)
-
-            in_local = (kept >= offset) & (kept < offset + b)
-            kept_local = kept[in_local] - offset
-            scale = 1.0 / (kept.numel() * ga)
-            if mode == "reuse" and kept_local.numel():
-                grad_scale = scale
-                scaler = getattr(self.accelerator, "scaler", None)
-                if scaler is not None:  # fp16: the optimizer unscales every gradient
-                    grad_scale *= float(scaler.get_scale())
-                # Random's engine pass held exactly the local kept rows (both ascending)
-                index = torch.arange(kept_local.numel()) if self.method.name == "random" else kept_local
-                engine.accumulate_grad(index, scale=grad_scale)
+            self._score_micro_batch(engine, unwrapped, batch, rows)
+            if not end:
+                return torch.zeros((), device=self.args.device)
+            return self._finish_window(model, unwrapped, engine)
+        except BaseException:
+            self._window = []
+            raise
         finally:
             engine.clear()
             model.train()
 
-        if mode == "recompute":
-            self._recompute_backward(model, batch, kept_local, scale * world)
-        elif world > 1 and self.accelerator.sync_gradients:
-            self._all_reduce_trainable_grads(unwrapped)
+    def _score_micro_batch(self, engine, unwrapped: nn.Module, batch: dict[str, Any], rows) -> None:
+        """L_i (and, for methods that need them, G_i) of one micro-batch, pooled over the ranks."""
+        if self.method_spec.needs_scores:
+            L_local = engine.forward(batch).float()
+        else:  # no score needed to choose: L from a gradient-free forward, for the record
+            with torch.no_grad():
+                L_local = causal_lm_losses(unwrapped.eval(), batch)[0].float()
+            unwrapped.train()
+        L, offset = self._gather_1d(L_local)
+        rows_all = self._gather_1d(rows.to(L.device))[0] if torch.is_tensor(rows) else None
+        if not bool(torch.isfinite(L).all()):
+            self._raise_non_finite("loss", L, rows_all)
+        entry = {"batch": batch, "b": L_local.numel(), "n": L.numel(), "L": L, "rows": rows_all,
+                 "offset": self._pooled + offset, "lengths": self._gather_1d(_loss_tokens(batch["labels"]).to(L.device))[0],
+                 "response_len": self._gather_1d(response_lengths(batch["labels"]).to(L.device))[0]}
+        if self.method_spec.needs_scores:
+            G_local = engine.backward().float()  # every row: the pre-filter needs the whole optimizer batch
+            G, _ = self._gather_1d(G_local.to(L.device))
+            if not bool(torch.isfinite(G).all()):
+                self._raise_non_finite("gradient norm", G, rows_all)
+            entry["G"] = G
+            if self._strategy == "per_sample":
+                entry["grads"] = self._per_sample_grads(engine, unwrapped, entry["b"])
+        self._pooled += entry["n"]
+        self._window.append(entry)
 
-        self._record_selection(G, L, kept, scored, batch["labels"], rows_all)
-        return (L[kept].mean() / ga).detach().to(self.args.device)
-
-    def _recompute_backward(self, model: nn.Module, batch: dict[str, Any], kept_local: torch.Tensor, scale: float):
-        """A fresh forward/backward of the kept rows (sharded setups): every rank runs one."""
-        empty = kept_local.numel() == 0
-        index = kept_local if not empty else torch.zeros(1, dtype=torch.long, device=kept_local.device)
-        sub = {k: v[index] for k, v in batch.items()}
-        was_training = model.training
-        model.eval()  # the same dropout-free pass the scores came from
+    def _per_sample_grads(self, engine, model: nn.Module, b: int) -> torch.Tensor:
+        """(b, P) flat fp32 per-sample gradients of the trainable parameters, from the engine's captures."""
+        params = self._trainable(model)
+        saved = [p.grad for p in params]
+        out = torch.zeros(b, sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
         try:
-            with self.compute_loss_context_manager():
-                L, _ = causal_lm_losses(model, sub)
-            loss = L.sum() * (0.0 if empty else scale)
-            kwargs = {}
-            from accelerate.utils import DistributedType
-
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-                kwargs["scale_wrt_gas"] = False
-            self.accelerator.backward(loss, **kwargs)
+            for i in range(b):
+                for p in params:
+                    p.grad = None
+                engine.accumulate_grad([i], scale=1.0)
+                pos = 0
+                for p in params:
+                    if p.grad is not None:
+                        out[i, pos : pos + p.numel()] = p.grad.reshape(-1)
+                    pos += p.numel()
         finally:
-            model.train(was_training)
+            for p, g in zip(params, saved):
+                p.grad = g
+        engine.clear()
+        return out
 
-    def _record_selection(self, G, L, kept, scored, labels, rows_all) -> None:
+    def _weights(self, kept: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The weight of each kept sample's L_i in the update (they sum to 1)."""
+        if self.loss_reduction == "token_mean":
+            n = lengths[kept].to(torch.float64)
+            return n / n.sum()
+        return torch.full((kept.numel(),), 1.0 / kept.numel(), dtype=torch.float64, device=kept.device)
+
+    def _finish_window(self, model: nn.Module, unwrapped: nn.Module, engine) -> torch.Tensor:
+        window, self._window, self._pooled = self._window, [], 0
+        spec = self.method_spec
+        L = torch.cat([e["L"] for e in window])
+        lengths = torch.cat([e["lengths"] for e in window])
+        rows_all = torch.cat([e["rows"] for e in window]) if all(e["rows"] is not None for e in window) else None
+        n = L.numel()
+        prefilter = self.method.prefilter
+        G = torch.cat([e["G"] for e in window]) if spec.needs_scores else None
+        kept, scored = spec.choose(n, G, L, self.method.rho, prefilter, self._selection_generator)
+        kept = kept.to(L.device)
+        weight = torch.zeros(n, dtype=torch.float64, device=L.device)
+        weight[kept] = self._weights(kept, lengths)
+        # this rank's kept rows, per micro-batch of the window: (entry, local positions, weights)
+        local = []
+        for e in window:
+            pos = torch.arange(e["offset"], e["offset"] + e["b"], device=L.device)
+            idx = (weight[pos] > 0).nonzero().flatten()
+            local.append((e, idx, weight[pos][idx]))
+        if not spec.needs_scores:
+            G = self._score_kept(engine, local, L.device)
+            if not bool(torch.isfinite(G).all()):
+                self._raise_non_finite("gradient norm", G, rows_all)
+        grad_scale = 1.0
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:  # fp16: the optimizer unscales every gradient
+            grad_scale = float(scaler.get_scale())
+        if self._strategy == "captures" and spec.needs_scores:
+            _, idx, w = local[0]
+            _accumulate_weighted(engine, idx, w, grad_scale)
+        elif self._strategy == "per_sample":
+            self._add_per_sample(unwrapped, local, grad_scale)
+        elif self._strategy == "recompute":
+            self._recompute_backward(model, unwrapped, local)
+        if self.accelerator.num_processes > 1 and not (self._strategy == "recompute" and self._reduces_itself()):
+            self._all_reduce_trainable_grads(unwrapped)  # one flat collective per optimizer step
+        self._record_selection(G, L, kept, scored, torch.cat([e["response_len"] for e in window]), rows_all)
+        return (L[kept].double() * weight[kept]).sum().float().detach().to(self.args.device)
+
+    def _reduces_itself(self) -> bool:
+        """True when a backward through the wrapped model reduces the gradients (FSDP, DeepSpeed)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _score_kept(self, engine, local, device) -> torch.Tensor:
+        """Methods that choose without scores: one scoring pass over the kept rows (chunked by micro-batch)
+        gives their G_i and, unless recomputed, their gradient; returns the pooled G (0 elsewhere)."""
+        chunk = max(1, self.args.per_device_train_batch_size)
+        parts = [torch.zeros(e["b"], dtype=torch.float32, device=device) for e, _, _ in local]
+        for sub, where, w in _kept_chunks(local, chunk):
+            engine.forward(sub)
+            G_sub = engine.backward().float().to(device)
+            for k, (j, i) in enumerate(where):
+                parts[j][i] = G_sub[k]
+            if self._strategy != "recompute":
+                scaler = getattr(self.accelerator, "scaler", None)
+                scale = float(scaler.get_scale()) if scaler is not None else 1.0
+                _accumulate_weighted(engine, torch.arange(len(where)), w, scale)
+            engine.clear()
+        return torch.cat([self._gather_1d(p)[0] for p in parts])
+
+    def _add_per_sample(self, model: nn.Module, local, grad_scale: float) -> None:
+        params = self._trainable(model)
+        total = None
+        for e, idx, w in local:
+            if idx.numel():
+                part = (e["grads"][idx.to(e["grads"].device)] * w.to(e["grads"].device, torch.float32)[:, None]).sum(0)
+                total = part if total is None else total + part
+            e["grads"] = None
+        if total is None:
+            return
+        total *= grad_scale
+        pos = 0
+        for p in params:
+            g = total[pos : pos + p.numel()].view(p.shape).to(p.dtype)
+            pos += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
+    def _recompute_backward(self, model: nn.Module, unwrapped: nn.Module, local) -> None:
+        """A fresh forward/backward of the kept rows, chunked by the micro-batch size.
+
+        Sharded setups (FSDP, DeepSpeed) run it through the wrapped model, every rank the
+        same number of chunks (a rank without kept rows backpropagates a zero loss), and
+        their reducers average over the ranks, hence the factor ``world``. Under DDP the
+        bare module runs it without the reducer and the gradients are summed in one flat
+        collective afterwards. With dropout in the model the pass runs in training mode, so
+        the update sees the same dropout as every other method.
+        """
+        from accelerate.utils import DistributedType
+
+        chunk = max(1, self.args.per_device_train_batch_size)
+        chunks = list(_kept_chunks(local, chunk))
+        sharded = self._reduces_itself()
+        world = self.accelerator.num_processes
+        n_chunks = len(chunks)
+        if sharded and world > 1:
+            count = torch.tensor([n_chunks], device=self.args.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            n_chunks = int(count.item())
+        target = model if sharded else unwrapped
+        was_training = target.training
+        target.train(self._dropout_active(unwrapped))  # dropout only where the model has it
+        kwargs = {}
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False
+        state = self.accelerator.gradient_state
+        sync = state.sync_gradients
+        import contextlib
+
+        no_sync = (self.accelerator.no_sync(model) if (world > 1 and not sharded and model is not unwrapped)
+                   else contextlib.nullcontext())
+        try:
+            with no_sync:
+                for c in range(n_chunks):
+                    if c < len(chunks):
+                        sub, _, w = chunks[c]
+                        factor = w.to(self.args.device, torch.float32) * (world if sharded else 1)
+                    else:  # this rank has no kept row left: take part with a zero loss
+                        e = next((e for e, _, _ in local), None)
+                        sub = {k: v[:1] for k, v in e["batch"].items()}
+                        factor = torch.zeros(1, device=self.args.device)
+                    state._set_sync_gradients(sync and c == n_chunks - 1)
+                    with self.compute_loss_context_manager():
+                        L, _ = causal_lm_losses(target, sub)
+                    loss = (L * factor.to(L.device)).sum()
+                    if sharded:
+                        self.accelerator.backward(loss, **kwargs)
+                    else:
+                        scaler = getattr(self.accelerator, "scaler", None)
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+        finally:
+            state._set_sync_gradients(sync)
+            target.train(was_training)
+
+    def _record_selection(self, G, L, kept, scored, lengths, rows_all) -> None:
         n = L.numel()
         kept_mask = torch.zeros(n, dtype=torch.bool, device=L.device)
         kept_mask[kept] = True
-        lengths, _ = self._gather_1d(response_lengths(labels).to(L.device))
         dropped_scored = scored & ~kept_mask
         self._pending.append(
             {
@@ -376,6 +553,47 @@ class SelectionStepMixin:
                 logs[key] = sum(vals) / len(vals) if vals else float("nan")
             self._pending = []
         super().log(logs, *args, **kwargs)
+
+
+def _loss_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that L_i averages over, per sample: the shifted labels that are not -100."""
+    return (labels[:, 1:] != -100).sum(dim=1)
+
+
+def _accumulate_weighted(engine, idx: torch.Tensor, w: torch.Tensor, scale: float) -> None:
+    """``sum_i w_i grad L_i`` over ``idx`` from the engine's captures (one call per distinct weight)."""
+    if idx.numel() == 0:
+        return
+    w = w.to(idx.device)
+    for value in torch.unique(w):
+        engine.accumulate_grad(idx[w == value], scale=float(value) * scale)
+
+
+def _kept_chunks(local, chunk: int):
+    """The kept rows of a window, ``chunk`` at a time: (batch, [(micro-batch, row)], weights).
+
+    Rows of different micro-batches are right-padded to a common length (padding is
+    masked and labelled -100, so it changes no loss and no gradient).
+    """
+    items = [(j, int(i), w) for j, (_, idx, ws) in enumerate(local) for i, w in zip(idx.tolist(), ws)]
+    keys = ("input_ids", "attention_mask", "labels")
+    pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    for s in range(0, len(items), chunk):
+        part = items[s : s + chunk]
+        batches = [local[j][0]["batch"] for j, _, _ in part]
+        T = max(b["input_ids"].shape[1] for b in batches)
+        sub = {}
+        for k in keys:
+            if k not in batches[0]:
+                continue
+            rows = []
+            for (j, i, _), b in zip(part, batches):
+                row = b[k][i]
+                if row.shape[0] < T:
+                    row = torch.cat([row, row.new_full((T - row.shape[0],), pad[k])])
+                rows.append(row)
+            sub[k] = torch.stack(rows)
+        yield sub, [(j, i) for j, i, _ in part], torch.stack([w for _, _, w in part])
 
 
 class GradsiftTrainer(SelectionStepMixin, Trainer):
@@ -428,7 +646,20 @@ class GradsiftTrainer(SelectionStepMixin, Trainer):
         if not bool(torch.isfinite(L).all()):
             rows = inputs.get("row")
             self._raise_non_finite("loss", L.detach(), rows if torch.is_tensor(rows) else None)
-        loss = L.mean()
+        if self.loss_reduction == "token_mean":
+            tokens = _loss_tokens(labels).to(L.device)
+            if num_items_in_batch is None:  # called on its own: the token mean of this batch
+                loss = (L * tokens).sum() / tokens.sum()
+            else:  # the Trainer's count over the optimizer batch (and the processes, like transformers)
+                loss = (L * tokens).sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes
+        else:
+            loss = L.mean()
+        # a penalty counts once per optimizer step; with token_mean the Trainer does not divide by the accumulation
+        pen_scale = 1.0
+        if self.loss_reduction == "token_mean" and num_items_in_batch is not None:
+            pen_scale = 1.0 / max(1, int(self.current_gradient_accumulation_steps))
         if model.training:
             unwrapped = self.accelerator.unwrap_model(model)
             name = self.method.name
@@ -436,15 +667,15 @@ class GradsiftTrainer(SelectionStepMixin, Trainer):
             if name == "kl" and self.method.kl_beta > 0:
                 ref = self.kl_reference.logits(unwrapped, inputs)
                 kl = token_kl(outputs.logits, ref, labels).mean()
-                loss = loss + self.method.kl_beta * kl
+                loss = loss + pen_scale * self.method.kl_beta * kl
                 extra["kl"] = kl.item()
             elif name == "ewc" and self.ewc_state.stages:
                 pen = self.ewc_state.penalty(unwrapped, self.method.ewc_lambda)
-                loss = loss + pen
+                loss = loss + pen_scale * pen
                 extra["ewc_penalty"] = pen.item()
             elif name == "olora" and self.olora_frozen:
                 pen = olora_penalty(unwrapped, self.olora_adapter, self.olora_frozen, self.method.olora_lambda)
-                loss = loss + pen
+                loss = loss + pen_scale * pen
                 extra["olora_penalty"] = pen.item()
             extra["task_loss"] = L.mean().item()
             self._pending.append(extra)
