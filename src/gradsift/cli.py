@@ -57,6 +57,8 @@ def score(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: the accelerator if any)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="check the first batch's norms against the per-sample loop (default on)"),
 ):
     """Exact per-sample gradient norms G_i and losses L_i of every row, to a Parquet table."""
     _setup_torch(threads)
@@ -65,14 +67,15 @@ def score(
         from gradsift.norms.scorer import ScoreOptions, score_dataset
         from gradsift.data.records import read_records
 
-        read_records(data, prompt_field=prompt_field, response_field=response_field,
-                     messages_field=messages_field, system_field=system_field, limit=1)  # fail fast on bad input
+        if not read_records(data, prompt_field=prompt_field, response_field=response_field,
+                            messages_field=messages_field, system_field=system_field, limit=1):  # fail fast
+            raise ValueError(f"{data}: no records to score (the data is empty)")
         dev = _device(device)
         tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
         m = load_model(model, dtype=dtype, device=dev, trust_remote_code=trust_remote_code, adapter=adapter)
         opts = ScoreOptions(params=params, batch_size=batch_size, max_length=max_length, prompt_field=prompt_field,
                             response_field=response_field, messages_field=messages_field,
-                            system_field=system_field, limit=limit)
+                            system_field=system_field, limit=limit, verify=verify)
         table = score_dataset(m, tok, data, out, opts)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -138,11 +141,30 @@ def select(
                     f"G median kept {kept['G'].median():.4g} vs all {table['G'].median():.4g}")
 
 
+def _seed_overrides(seeds: Optional[str], overrides: Optional[list[str]]) -> list[str]:
+    """``--set`` overrides plus ``seeds=[...]`` from ``--seeds 0,1,2`` (which wins over the config's seeds)."""
+    out = list(overrides or [])
+    if seeds is None:
+        return out
+    parts = [p.strip() for p in seeds.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {seeds!r}") from None
+    if not values:
+        raise ValueError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--seeds: a seed is repeated in {seeds!r}")
+    out.append(f"seeds=[{', '.join(map(str, values))}]")
+    return out
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="run config (YAML)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: the config's output_dir)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set optim.lr=2e-4"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds to run, comma-separated (overrides the config): 0,1,2"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
 ):
     """Continual training over the config's task sequence, with the config's method(s) and seeds."""
@@ -151,7 +173,7 @@ def train(
     from gradsift.train.stages import train_command
 
     try:
-        train_command(config, output, list(set_ or []))
+        train_command(config, output, _seed_overrides(seeds, set_))
     except (ConfigError, *USER_ERRORS) as exc:
         _fail(exc)
 
@@ -162,6 +184,7 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: the config's output_dir)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set optim.lr=2e-4"),
     quick: bool = typer.Option(False, "--quick", help="a trimmed run: fewer samples, prompts and methods"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds to run, comma-separated (overrides the config): 0,1,2"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
 ):
     """Train, evaluate after stage 0 and every stage, and write report.html: one command."""
@@ -170,7 +193,7 @@ def run(
     from gradsift.train.config import ConfigError
 
     try:
-        run_pipeline(config, output, list(set_ or []), quick=quick)
+        run_pipeline(config, output, _seed_overrides(seeds, set_), quick=quick)
     except (ConfigError, *USER_ERRORS) as exc:
         _fail(exc)
 

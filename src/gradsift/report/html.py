@@ -1,9 +1,13 @@
 """One self-contained HTML page per run: inline CSS, figures as data URIs, no external resource.
 
 Stable hooks for scripts and tests: the summary table is ``<table id="paper-table">``
-(each number cell carries ``data-key``, ``data-value``, ``data-std`` and ``data-n``);
-every figure is ``<figure class="plot" id="plot-...">`` holding one
-``<img src="data:image/png;base64,...">``.
+(each number cell carries ``data-key``, ``data-value``, ``data-std`` and ``data-n``; where the
+run saved its generations, also ``data-lo``/``data-hi``, the 95% bootstrap interval over
+prompts, and ``data-p``, the paired test against Moderate-G_i); the ASR per stage is
+``<table id="asr-stage-table">`` (cells with the same attributes); every paired test is a row
+``<tr data-method=... data-measure=...>`` of ``<table id="paired-tests">`` (cells
+``data-col`` = value, lo, hi, diff, diff_lo, diff_hi, p, n); every figure is
+``<figure class="plot" id="plot-...">`` holding one ``<img src="data:image/png;base64,...">``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from gradsift.report.tables import (
     MISSING,
     asr_per_stage,
     category_asr_table,
+    comparison_table,
     format_value,
     metric_per_stage,
     paper_columns_for,
     paper_table,
     primary_judge,
     primary_safety_set,
+    reference_method,
     selection_table,
+    stage_intervals,
     summary_markdown,
     timing_table,
 )
@@ -49,7 +56,9 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-t
      border-bottom: 1px solid #d8dde6; padding-bottom: .25rem; }
 .sub { color: #5b6474; margin-top: 0; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .86rem; }
-th, td { border: 1px solid #d8dde6; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #d8dde6; padding: .3rem .55rem; text-align: right; white-space: normal; }
+table { max-width: 100%; } th { hyphens: auto; } td.wrap { min-width: 12rem; }
+tr.flag td { background: #fdecea; }
 th { background: #f2f4f8; } td.name, th.name { text-align: left; }
 td.missing { color: #9aa3b2; text-align: center; }
 caption { caption-side: bottom; text-align: left; color: #5b6474; font-size: .8rem; padding-top: .3rem; }
@@ -58,6 +67,7 @@ dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
 figure.plot { margin: 1rem 0 1.6rem; } figure.plot img { max-width: 100%; border: 1px solid #e6e9ef; }
 figcaption { font-size: .82rem; color: #5b6474; margin-top: .3rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .8rem; border: 1px solid #e6e9ef; }
+span.ci, span.p { color: #5b6474; font-size: .75rem; }
 .note { background: #fff8e6; border-left: 4px solid #e6b020; padding: .6rem .9rem; font-size: .88rem; }
 """
 
@@ -167,21 +177,39 @@ def _optim_text(cfg: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- html pieces
 
 
+def _finite(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def format_p(p: float) -> str:
+    """``"p=0.031"``, ``"p<0.001"`` or ``""`` (no test)."""
+    if not _finite(p):
+        return ""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.1 else f"p={p:.2f}"
+
+
 def _num_td(value: float, std: float = math.nan, fmt: str = ".1f", n: float | None = None, key: str = "",
-            of: int | None = None) -> str:
+            of: int | None = None, lo: float = math.nan, hi: float = math.nan, p: float = math.nan) -> str:
     text = format_value(value, std, fmt)
     attrs = [f'data-key="{escape(key)}"'] if key else []
     if n is not None and of is not None and text != MISSING and int(n) < of:
         attrs.append(f'title="from {int(n)} of {of} seeds"')
+    extra = ""
     if text == MISSING:
         attrs.append('class="missing"')
     else:
         attrs.append(f'data-value="{float(value)!r}"')
         if not math.isnan(std):
             attrs.append(f'data-std="{float(std)!r}"')
+        if _finite(lo) and _finite(hi):
+            attrs.append(f'data-lo="{float(lo)!r}" data-hi="{float(hi)!r}"')
+            extra += f'<br><span class="ci">[{format(lo, fmt)}, {format(hi, fmt)}]</span>'
+        if _finite(p):
+            attrs.append(f'data-p="{float(p)!r}"')
+            extra += f' <span class="p">{escape(format_p(p))}</span>'
     if n is not None:
         attrs.append(f'data-n="{int(n)}"')
-    return f"<td {' '.join(attrs)}>{escape(text)}</td>"
+    return f"<td {' '.join(attrs)}>{escape(text)}{extra}</td>"
 
 
 def _table(table_id: str, header: Sequence[str], rows: Iterable[str], caption: str = "") -> str:
@@ -202,11 +230,18 @@ def _paper_table_html(store: RunStore, judge: str | None) -> str:
         cells = [f'<td class="name">{escape(str(method))}</td>', f'<td data-key="n_seeds">{n_seeds}</td>']
         for c in cols:
             cells.append(_num_td(table.at[method, c.key], table.at[method, f"{c.key}_std"], c.fmt,
-                                 table.at[method, f"{c.key}_n"], c.key, n_seeds))
+                                 table.at[method, f"{c.key}_n"], c.key, n_seeds,
+                                 *(table.at[method, f"{c.key}_{x}"] if f"{c.key}_{x}" in table.columns
+                                   else math.nan for x in ("lo", "hi", "p"))))
         rows.append(f'<tr data-method="{escape(str(method))}">{"".join(cells)}</tr>')
     header = ["method", "seeds"] + [c.label + {"lower": " ↓", "higher": " ↑"}.get(c.better, "") for c in cols]
     sset = primary_safety_set(store)
-    caption = (f"Mean ± std over seeds (std only with more than one seed). ASR, refusal and over-refusal rates are "
+    ref = reference_method(store)
+    caption = (f"Mean ± std over seeds (std only with more than one seed); below it, where generations were "
+               f"saved, the 95% bootstrap interval over prompts"
+               + (f" and the p-value of the paired test against {ref} on the same prompts (McNemar for the final "
+                  "ASR, a paired bootstrap over prompts for the rates averaged over checkpoints)" if ref else "")
+               + ". ASR, refusal and over-refusal rates are "
                f"percentages averaged over the checkpoints 0..{store.n_stages}"
                + (f" on {sset.removeprefix('safety/')}" if sset else "")
                + "; AA, BWT, FM and max drop come from the matrix of task scores; ↓ lower is better, ↑ higher is "
@@ -220,13 +255,51 @@ def _asr_stage_html(store: RunStore, judge: str | None) -> str:
     if not len(mean):
         return ""
     std = asr_per_stage(store, j, stat="std")
+    ci = stage_intervals(store, primary_safety_set(store), f"asr/{j}").set_index(["method", "stage"])
     rows = []
     for method in mean.index:
         cells = [f'<td class="name">{escape(str(method))}</td>']
-        cells += [_num_td(mean.at[method, s], std.at[method, s]) for s in mean.columns]
-        rows.append(f"<tr>{''.join(cells)}</tr>")
+        for s in mean.columns:
+            lo, hi, p = (ci.at[(method, s), c] if (method, s) in ci.index else math.nan for c in ("lo", "hi", "p"))
+            cells.append(_num_td(mean.at[method, s], std.at[method, s], lo=lo, hi=hi, p=p))
+        rows.append(f'<tr data-method="{escape(str(method))}">{"".join(cells)}</tr>')
     header = ["method"] + [f"stage {s}" + (f" ({store.tasks[s - 1]})" if s else " (aligned)") for s in mean.columns]
-    return _table("asr-stage-table", header, rows, f"ASR (%) judged by {j}, mean ± std over seeds.")
+    ref = reference_method(store)
+    caption = (f"ASR (%) judged by {j}, mean ± std over seeds; 95% bootstrap interval over prompts where generations "
+               "were saved" + (f"; p: exact McNemar test against {ref} on the same prompts at that stage "
+                               "(seed s against seed s)" if ref else "") + ".")
+    return _table("asr-stage-table", header, rows, caption)
+
+
+def _paired_html(store: RunStore, judge: str | None) -> str:
+    table = comparison_table(store, judge)
+    if not len(table):
+        return ""
+    rows = []
+    for _, r in table.iterrows():
+        test = "McNemar (exact)" if r["test"] == "mcnemar" else "paired bootstrap"
+
+        def td(col: str, spec: str = ".1f", text: str | None = None) -> str:
+            v = r[col]
+            if not _finite(v):
+                return f'<td data-col="{col}" class="missing">{MISSING}</td>'
+            return f'<td data-col="{col}" data-value="{float(v)!r}">{escape(text or format(v, spec))}</td>'
+
+        rows.append(f'<tr data-method="{escape(str(r["method"]))}" data-measure="{escape(str(r["measure"]))}">'
+                    f'<td class="name">{escape(str(r["label"]))}</td><td class="name">{escape(str(r["method"]))}</td>'
+                    f'{td("value")}{td("lo")}{td("hi")}{td("diff", "+.1f")}{td("diff_lo", "+.1f")}'
+                    f'{td("diff_hi", "+.1f")}{td("p", text=format_p(r["p"]).removeprefix("p="))}'
+                    f'<td class="name">{test}</td>{td("n", ".0f")}</tr>')
+    ref = str(table["vs"].iloc[0])
+    header = ["measure", "method", "value", "95% CI lo", "95% CI hi", f"diff vs {ref}", "diff lo", "diff hi",
+              "p", "test", "pairs"]
+    return ("<h2>Paired tests</h2>"
+            + _table("paired-tests", header, rows,
+                     f"Each method against {ref} on the same prompts: value = mean over seeds, its 95% bootstrap "
+                     f"interval over prompts; diff = method minus {ref} in points, with its 95% interval and the "
+                     "two-sided p-value. McNemar: exact binomial test on the discordant (seed, prompt) pairs, "
+                     "Agresti-Min interval; paired bootstrap: prompts resampled, the per-prompt difference averaged "
+                     "over seeds and checkpoints. No correction for multiple comparisons."))
 
 
 def _category_html(store: RunStore, judge: str | None) -> str:
@@ -352,6 +425,7 @@ def render_report(store: RunStore, judge: str | None = None) -> str:
         '<ul id="method-lines">' + "".join(f"<li>{escape(ln.replace('**', ''))}</li>" for ln in method_lines)
         + "</ul>",
         _asr_stage_html(store, judge),
+        _paired_html(store, judge),
         "<h2>Figures</h2>" if plots else "",
         *(_figure_html(p) for p in plots),
         _category_html(store, judge),

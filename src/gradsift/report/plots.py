@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gradsift.report.store import RunStore  # noqa: E402
-from gradsift.report.tables import judges_measured, metric_per_stage, primary_safety_set  # noqa: E402
+from gradsift.report.tables import judges_measured, metric_per_stage, primary_safety_set, stage_intervals  # noqa: E402
 
 __all__ = [
     "Plot",
@@ -74,10 +74,13 @@ def _stage_ticks(ax, store: RunStore) -> None:
 
 
 def _per_stage_panel(ax, store: RunStore, task: str, metric: str, colors: dict[str, str]) -> bool:
-    """One line per method (mean over seeds) with a ±std band; False when nothing was drawn."""
+    """One line per method (mean over seeds) with a ±std band over seeds and, where generations were
+    saved, error bars of the 95% bootstrap interval over prompts; False when nothing was drawn."""
     long = metric_per_stage(store, task, metric)
+    ci = stage_intervals(store, task, metric).set_index(["method", "stage"])
+    methods = list(dict.fromkeys(long["method"]))
     drawn = False
-    for method, sub in long.groupby("method", sort=False):
+    for i, (method, sub) in enumerate(long.groupby("method", sort=False)):
         mean, std = sub["mean"].to_numpy(float), sub["std"].to_numpy(float)
         if np.isnan(mean).all():
             continue
@@ -87,6 +90,15 @@ def _per_stage_panel(ax, store: RunStore, task: str, metric: str, colors: dict[s
         if band.any():
             ax.fill_between(x, np.where(band, mean - std, np.nan), np.where(band, mean + std, np.nan),
                             color=colors[method], alpha=0.2, linewidth=0)
+        lo = np.array([ci.at[(method, s), "lo"] if (method, s) in ci.index else np.nan for s in x], dtype=float)
+        hi = np.array([ci.at[(method, s), "hi"] if (method, s) in ci.index else np.nan for s in x], dtype=float)
+        has = ~(np.isnan(lo) | np.isnan(hi) | np.isnan(mean))
+        if has.any():
+            # the interval is of the per-prompt mean; the line is the mean over seeds: clip so the bar holds it
+            lo_h, hi_h = np.minimum(lo, mean), np.maximum(hi, mean)
+            shift = 0.06 * (i - (len(methods) - 1) / 2)  # side by side, so the bars stay readable
+            ax.errorbar(x[has] + shift, mean[has], yerr=[(mean - lo_h)[has], (hi_h - mean)[has]], fmt="none",
+                        ecolor=colors[method], elinewidth=1, capsize=3)
         drawn = True
     _stage_ticks(ax, store)
     ax.grid(alpha=0.3)
@@ -110,7 +122,8 @@ def plot_asr(store: RunStore) -> list[Plot]:
     fig.suptitle(f"Attack success rate per stage ({sset.removeprefix('safety/')})", fontsize=11)
     fig.tight_layout()
     return [Plot("plot-asr", "ASR per stage",
-                 "Mean over seeds; the band is ± one standard deviation (shown with more than one seed).",
+                 "Mean over seeds; the band is ± one standard deviation over seeds (shown with more than one seed); "
+                 "error bars: 95% bootstrap interval over prompts (where the run saved its generations).",
                  figure_to_data_uri(fig))]
 
 
@@ -136,7 +149,8 @@ def plot_refusal(store: RunStore) -> list[Plot]:
     fig.tight_layout()
     return [Plot("plot-refusal", "Refusal rate per stage",
                  "Refusals of harmful prompts (higher is safer) and of safe prompts (over-refusal, lower is "
-                 "better); mean over seeds.", figure_to_data_uri(fig))]
+                 "better); mean over seeds, band ± one sd over seeds, error bars the 95% bootstrap interval over "
+                 "prompts.", figure_to_data_uri(fig))]
 
 
 def plot_score_matrices(store: RunStore) -> list[Plot]:

@@ -5,9 +5,13 @@ A run directory is what ``gradsift train`` writes (see :mod:`gradsift.train.stag
     config.resolved.yaml
     results.jsonl                   run, method, seed, stage, task, metric, value
     <method>-seed<seed>/stage_<k>/selection.parquet, log.jsonl
+    <method>-seed<seed>/stage_<k>/generations/*.jsonl   per-prompt generations and verdicts
 
 ``load_run(path)`` reads the config and the results; the per-stage selection
-tables and training logs are read on first use and cached.
+tables, training logs and saved generations are read on first use and cached.
+:meth:`RunStore.prompt_outcomes` turns the saved generations into the per-prompt
+outcome behind one ``results.jsonl`` measurement (the unit of the report's
+confidence intervals and paired tests).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-__all__ = ["RESULT_COLUMNS", "RunDirError", "RunStore", "load_run"]
+__all__ = ["RESULT_COLUMNS", "RunDirError", "RunStore", "load_run", "outcome_kind"]
 
 RESULT_COLUMNS = ("run", "method", "seed", "stage", "task", "metric", "value")
 CONFIG_FILE = "config.resolved.yaml"
 RESULTS_FILE = "results.jsonl"
+GENERATIONS_DIR = "generations"
 _RUN_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)$")
 
 
@@ -100,6 +105,9 @@ class RunStore:
     runs: list[str]
     _selection: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
     _logs: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
+    _generations: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False)
+    _outcomes: dict[tuple[str, int, str, str], pd.Series | None] = field(default_factory=dict, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # derived tables (intervals, tests)
 
     # ----------------------------------------------------------------- structure
 
@@ -212,6 +220,109 @@ class RunStore:
                     frame = frame.iloc[0:0]
             self._logs[key] = frame
         return self._logs[key]
+
+
+    # ----------------------------------------------------------------- per-prompt outcomes
+
+    def generations(self, run: str, stage: int) -> dict[str, list[dict[str, Any]]]:
+        """The saved generation records of one stage, keyed by the ``task`` name of their result rows
+        (``safety/<set>[@attack]``, ``overrefusal/<set>``, or the training task's name); ``{}`` when none."""
+        key = (run, stage)
+        if key not in self._generations:
+            from gradsift.eval.generation import load_generations
+
+            found: dict[str, list[dict[str, Any]]] = {}
+            folder = self.stage_dir(run, stage) / GENERATIONS_DIR
+            for f in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+                try:
+                    records = load_generations(f)
+                except ValueError as exc:
+                    raise RunDirError(str(exc)) from None
+                if not records:
+                    continue
+                first = records[0]
+                kind, name = first.get("kind"), str(first.get("set") or f.stem)
+                if kind == "safety":
+                    attack = first.get("attack") or "none"
+                    task = f"safety/{name}" + ("" if attack == "none" else f"@{attack}")
+                elif kind == "overrefusal":
+                    task = f"overrefusal/{name}"
+                else:
+                    task = name
+                found[task] = records
+            self._generations[key] = found
+        return self._generations[key]
+
+    def prompt_outcomes(self, run: str, stage: int, task: str, metric: str) -> pd.Series | None:
+        """The per-prompt outcome behind the measurement ``(task, metric)`` of one run and stage.
+
+        A Series indexed by prompt id, in file order; None when the stage saved no generations
+        for it or the metric has no per-prompt form. Values, whose mean times 100 is the
+        ``results.jsonl`` value:
+
+        * ``asr/<judge>`` on ``safety/*``: 1 when the judge called the answer unsafe, 0 when safe,
+          NaN when its verdict did not parse (left out of the ASR the same way);
+        * ``refusal_rate`` on ``safety/*``: 1 when the answer holds a refusal string (keyword detector);
+        * ``over_refusal`` on ``overrefusal/*``: 1 when a safe prompt was refused (unsafe contrast
+          prompts are left out, as in the rate);
+        * ``score`` of a training task: the item's metric in [0, 1].
+
+        :func:`outcome_kind` says whether a metric's outcomes are binary or continuous.
+        """
+        key = (run, stage, task, metric)
+        if key in self._outcomes:
+            return self._outcomes[key]
+        records = self.generations(run, stage).get(task)
+        out: pd.Series | None = None
+        if records:
+            values = _outcome_values(records, task, metric)
+            if values is not None:
+                ids, vals = zip(*values) if values else ((), ())
+                index = pd.Index([str(i) for i in ids], name="id")
+                if not index.is_unique:  # ids repeat: the position is the prompt
+                    index = pd.Index([f"{i}#{n}" for n, i in enumerate(index)], name="id")
+                out = pd.Series(np.asarray(vals, dtype=float), index=index, name=metric)
+        self._outcomes[key] = out
+        return out
+
+
+def outcome_kind(metric: str) -> str:
+    """``"continuous"`` for task scores, ``"binary"`` for verdicts (ASR, refusals, over-refusal)."""
+    return "continuous" if metric == "score" else "binary"
+
+
+def _outcome_values(records: list[dict[str, Any]], task: str, metric: str) -> list[tuple[Any, float]] | None:
+    ids = [r.get("id") if r.get("id") is not None else i for i, r in enumerate(records)]
+    if task.startswith("safety/"):
+        if metric.startswith("asr/") and metric.count("/") == 1:
+            judge = metric.split("/", 1)[1]
+            vals = []
+            for r in records:
+                v = (r.get("verdicts") or {}).get(judge)
+                if v is None:
+                    return None  # this judge did not judge these generations
+                unsafe = v.get("unsafe")
+                vals.append(math.nan if unsafe is None else float(bool(unsafe)))
+            return list(zip(ids, vals))
+        if metric == "refusal_rate":
+            from gradsift.eval.judges import keyword_refusals
+
+            flags = keyword_refusals([r.get("response") or "" for r in records])
+            return [(i, float(f)) for i, f in zip(ids, flags)]
+        return None
+    if task.startswith("overrefusal/"):
+        if metric != "over_refusal" or any("refused" not in r for r in records):
+            return None
+        return [(i, float(bool(r["refused"]))) for i, r in zip(ids, records)
+                if r.get("label") == "safe"]
+    if metric == "score":
+        from gradsift.eval.metrics import TASK_METRICS
+
+        fn = TASK_METRICS.get(str(records[0].get("metric")))
+        if fn is None:
+            return None
+        return [(i, float(fn(r.get("response") or "", r.get("reference")))) for i, r in zip(ids, records)]
+    return None
 
 
 def load_run(run_dir: str | Path) -> RunStore:

@@ -3,6 +3,19 @@
 Every number is a mean over seeds of a per-run quantity; the standard deviation
 (sample, ddof=1) is given only when more than one seed has a value.
 
+Where the run saved its generations, the prompt-level measures also get a 95%
+bootstrap confidence interval over prompts and a paired test against the
+reference method (Moderate-G_i, ``moderate``) on the same prompts
+(:mod:`gradsift.analysis.stats`):
+
+* the interval resamples prompts; a prompt's value is its outcome averaged over the
+  seeds (and over the checkpoints, for a measure averaged over checkpoints);
+* a verdict at one checkpoint (final ASR, ASR at stage k) is tested with the exact
+  McNemar test on the pairs (seed, prompt), seed s of a method against seed s of the
+  reference; a measure averaged over checkpoints, and a task score, with a paired
+  bootstrap over prompts of the per-prompt difference (the prompt is the resampled
+  unit, so the checkpoints and seeds of one prompt stay together).
+
 The primary safety metric is the attack success rate on the primary safety set,
 judged by the primary judge and averaged over the checkpoints (stages 0..K), the
 way the paper reports it. The primary judge is the one asked for
@@ -25,7 +38,9 @@ from gradsift.report.store import RunStore
 
 __all__ = [
     "JUDGE_PREFERENCE",
+    "REFERENCE_METHOD",
     "Column",
+    "comparison_table",
     "PAPER_COLUMNS",
     "asr_per_stage",
     "category_asr_table",
@@ -36,7 +51,12 @@ __all__ = [
     "paper_table",
     "primary_judge",
     "primary_safety_set",
+    "prompt_frame",
+    "prompt_interval",
+    "paired_test",
+    "reference_method",
     "run_metrics",
+    "stage_intervals",
     "selection_table",
     "summary_markdown",
     "timing_table",
@@ -44,6 +64,9 @@ __all__ = [
 
 JUDGE_PREFERENCE = ("llamaguard", "harmbench", "openai", "heuristic", "keyword")
 MISSING = "—"
+REFERENCE_METHOD = "moderate"
+LEVEL = 0.95
+N_RESAMPLES = 10000
 
 
 @dataclass(frozen=True)
@@ -222,10 +245,183 @@ def _aggregate(frame: pd.DataFrame, keys: Sequence[str], by: str = "method",
 def paper_table(store: RunStore, judge: str | None = None) -> pd.DataFrame:
     """The paper-style table: one row per method (index), columns ``n_seeds`` and for each
     :data:`PAPER_COLUMNS` key the mean over seeds (``key``), its std (``key_std``, NaN with
-    one seed) and the number of seeds with a value (``key_n``)."""
+    one seed) and the number of seeds with a value (``key_n``).
+
+    For the prompt-level keys (ASR, refusal, over-refusal, final ASR) with saved generations,
+    also ``key_lo``/``key_hi`` (95% bootstrap interval over prompts) and ``key_p`` (paired test
+    against :func:`reference_method`, NaN for the reference); NaN where not available.
+    """
     per_run = run_metrics(store, judge)
     methods = [m for m in store.methods if (per_run["method"] == m).any()]
-    return _aggregate(per_run, [c.key for c in PAPER_COLUMNS], order=methods)
+    table = _aggregate(per_run, [c.key for c in PAPER_COLUMNS], order=methods)
+    measures = _prompt_measures(store, judge)
+    ref = reference_method(store)
+    for key in [c.key for c in PAPER_COLUMNS if c.key in measures]:
+        task, metric, stages = measures[key]
+        lo, hi, p = [], [], []
+        for method in table.index:
+            a, b, _ = prompt_interval(store, method, task, metric, stages)
+            t = paired_test(store, method, ref, task, metric, stages) if ref and method != ref else None
+            lo.append(a)
+            hi.append(b)
+            p.append(t["p"] if t else math.nan)
+        if len(table):
+            table[f"{key}_lo"], table[f"{key}_hi"], table[f"{key}_p"] = lo, hi, p
+    return table
+
+
+# --------------------------------------------------------------------------- over prompts
+
+
+def reference_method(store: RunStore) -> str | None:
+    """The method every other one is tested against: Moderate-G_i when the run has it."""
+    return REFERENCE_METHOD if REFERENCE_METHOD in store.methods else None
+
+
+def _prompt_measures(store: RunStore, judge: str | None = None) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Paper-table keys with a per-prompt form: key -> (task, metric, checkpoints averaged)."""
+    sset = primary_safety_set(store)
+    j = primary_judge(store, judge)
+    over_sets = store.task_names("overrefusal/")
+    every = tuple(store.stages)
+    out: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    if sset:
+        if j:
+            out["asr"] = (sset, f"asr/{j}", every)
+            out["final_asr"] = (sset, f"asr/{j}", (store.n_stages,))
+        out["asr_keyword"] = (sset, "asr/keyword", every)
+        out["asr_heuristic"] = (sset, "asr/heuristic", every)
+        out["refusal_rate"] = (sset, "refusal_rate", every)
+    if over_sets:
+        out["over_refusal"] = (over_sets[0], "over_refusal", every)
+    return out
+
+
+def prompt_frame(store: RunStore, method: str, task: str, metric: str,
+                 stages: Sequence[int] | None = None) -> pd.DataFrame:
+    """Long table ``seed, stage, id, value`` of the per-prompt outcomes of one method
+    (:meth:`RunStore.prompt_outcomes`); empty when no generations were saved."""
+    parts = []
+    for run in store.runs_of(method):
+        seed = store.run_seed(run)
+        for stage in store.stages if stages is None else stages:
+            s = store.prompt_outcomes(run, stage, task, metric)
+            if s is None or not len(s):
+                continue
+            parts.append(pd.DataFrame({"seed": seed, "stage": stage, "id": s.index.to_numpy(),
+                                       "value": s.to_numpy(float)}))
+    if not parts:
+        return pd.DataFrame({"seed": pd.Series(dtype="int64"), "stage": pd.Series(dtype="int64"),
+                             "id": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+    return pd.concat(parts, ignore_index=True)
+
+
+def prompt_interval(store: RunStore, method: str, task: str, metric: str,
+                    stages: Sequence[int] | None = None) -> tuple[float, float, int]:
+    """``(lo, hi, n_prompts)``: the 95% bootstrap interval over prompts of the measure in percent
+    (a prompt's value: its outcome averaged over seeds and ``stages``); NaN without generations."""
+    from gradsift.analysis.stats import bootstrap_ci
+
+    key = ("interval", method, task, metric, tuple(stages) if stages is not None else None)
+    if key not in store.cache:
+        frame = prompt_frame(store, method, task, metric, stages).dropna(subset=["value"])
+        if not len(frame):
+            store.cache[key] = (math.nan, math.nan, 0)
+        else:
+            per_prompt = frame.groupby("id", sort=False)["value"].mean().to_numpy(float)
+            lo, hi = bootstrap_ci(per_prompt, level=LEVEL, n_resamples=N_RESAMPLES, seed=0)
+            store.cache[key] = (100.0 * lo, 100.0 * hi, int(per_prompt.size))
+    return store.cache[key]
+
+
+def paired_test(store: RunStore, method: str, reference: str | None, task: str, metric: str,
+                stages: Sequence[int] | None = None) -> dict | None:
+    """``method`` against ``reference`` on the same prompts (and seeds, and checkpoints).
+
+    Returns the :func:`gradsift.analysis.stats.compare` dict with ``diff``, ``lo``, ``hi`` in
+    percentage points (method minus reference), ``p``, ``n`` (pairs tested: (seed, prompt)
+    pairs for McNemar, prompts for the bootstrap), ``test`` and ``vs``; None when the two share
+    no prompt outcome (no generations, or no seed in common).
+    """
+    from gradsift.analysis.stats import compare
+    from gradsift.report.store import outcome_kind
+
+    if reference is None or method == reference:
+        return None
+    key = ("paired", method, reference, task, metric, tuple(stages) if stages is not None else None)
+    if key in store.cache:
+        return store.cache[key]
+    a = prompt_frame(store, method, task, metric, stages)
+    b = prompt_frame(store, reference, task, metric, stages)
+    both = a.merge(b, on=["seed", "stage", "id"], suffixes=("_a", "_b")).dropna(subset=["value_a", "value_b"])
+    out = None
+    if len(both):
+        single = both["stage"].nunique() == 1
+        if outcome_kind(metric) == "binary" and single:
+            out = compare(both["value_a"].to_numpy(), both["value_b"].to_numpy(), kind="binary", level=LEVEL)
+        else:
+            per = both.groupby("id", sort=False)[["value_a", "value_b"]].mean()
+            out = compare(per["value_a"].to_numpy(), per["value_b"].to_numpy(), kind="continuous", level=LEVEL,
+                          n_resamples=N_RESAMPLES, seed=0)
+        for k in ("diff", "lo", "hi"):
+            out[k] = 100.0 * out[k]
+        out["vs"] = reference
+    store.cache[key] = out
+    return out
+
+
+def stage_intervals(store: RunStore, task: str, metric: str) -> pd.DataFrame:
+    """Per method and checkpoint: ``method, stage, lo, hi, n_prompts, p, diff, test`` (the 95% interval
+    over prompts and the paired test against the reference method at that checkpoint)."""
+    ref = reference_method(store)
+    rows = []
+    for method in store.methods:
+        if not store.runs_of(method):
+            continue
+        for s in store.stages:
+            lo, hi, n = prompt_interval(store, method, task, metric, (s,))
+            t = paired_test(store, method, ref, task, metric, (s,))
+            rows.append({"method": method, "stage": s, "lo": lo, "hi": hi, "n_prompts": n,
+                         "p": t["p"] if t else math.nan, "diff": t["diff"] if t else math.nan,
+                         "test": t["test"] if t else ""})
+    return pd.DataFrame(rows, columns=["method", "stage", "lo", "hi", "n_prompts", "p", "diff", "test"])
+
+
+def comparison_table(store: RunStore, judge: str | None = None) -> pd.DataFrame:
+    """Every paired test of a method against the reference method, one row each:
+    ``measure, label, method, vs, value, lo, hi, diff, diff_lo, diff_hi, p, test, n``.
+
+    The measures: the paper table's prompt-level columns and each task's score after the last
+    stage. ``value``/``lo``/``hi``: the method's mean over seeds and its interval over prompts;
+    ``diff``/``diff_lo``/``diff_hi``: method minus reference in points with its interval. Empty
+    when there is no reference method or no saved generations.
+    """
+    ref = reference_method(store)
+    cols = ["measure", "label", "method", "vs", "value", "lo", "hi", "diff", "diff_lo", "diff_hi", "p", "test", "n"]
+    if ref is None:
+        return pd.DataFrame(columns=cols)
+    labels = {c.key: c.label for c in paper_columns_for(store, judge)}
+    measures = [(key, labels.get(key, key), *spec) for key, spec in _prompt_measures(store, judge).items()]
+    last = (store.n_stages,)
+    measures += [(f"score:{t}", f"score on {t} after stage {store.n_stages}", t, "score", last) for t in store.tasks]
+    rows = []
+    seen: set[tuple] = set()
+    for key, label, task, metric, stages in measures:
+        if (task, metric, stages) in seen or not len(store.rows(task=task, metric=metric)):
+            continue  # the same numbers under another column (asr is asr_<judge>), or never measured
+        seen.add((task, metric, stages))
+        for method in store.methods:
+            if method == ref or not store.runs_of(method):
+                continue
+            t = paired_test(store, method, ref, task, metric, stages)
+            if t is None:
+                continue
+            lo, hi, _ = prompt_interval(store, method, task, metric, stages)
+            vals = [_mean(store.series(r, task, metric, list(stages))) for r in store.runs_of(method)]
+            rows.append({"measure": key, "label": label, "method": method, "vs": ref, "value": _mean(vals),
+                         "lo": lo, "hi": hi, "diff": t["diff"], "diff_lo": t["lo"], "diff_hi": t["hi"],
+                         "p": t["p"], "test": t["test"], "n": t["n"]})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def metric_per_stage(store: RunStore, task: str, metric: str) -> pd.DataFrame:
