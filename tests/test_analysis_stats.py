@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from gradsift.analysis.stats import bootstrap_ci, compare, mcnemar, mean_sd, paired_bootstrap, smd, spearman
+from gradsift.analysis.stats import bootstrap_ci, compare, kruskal, mcnemar, mean_sd, paired_bootstrap, smd, spearman
 
 
 def _table(n11: int, n10: int, n01: int, n00: int) -> tuple[list[int], list[int]]:
@@ -108,3 +108,12 @@ def test_smd_by_hand():
     assert smd([1, 1], [1, 1]) == 0.0
     assert smd([2, 2], [1, 1]) == math.inf
     assert math.isnan(smd([1], [1, 2]))
+
+
+def test_kruskal_by_hand():
+    # no ties: ranks 1..6; groups {1,2,3} and {4,5,6}: rank sums 6 and 15, n = 6
+    # H = 12 / (6 * 7) * (6^2/3 + 15^2/3) - 3 * 7 = (12/42) * 87 - 21 = 3.857142...
+    r = kruskal({"a": [1.0, 2.0, 3.0], "b": [10.0, 20.0, 30.0], "empty": []})
+    assert r["H"] == pytest.approx(12 / 42 * 87 - 21) and (r["k"], r["n"]) == (2, 6)
+    assert r["p"] == pytest.approx(math.erfc(math.sqrt(r["H"] / 2)))  # chi-square survival, 1 df
+    assert math.isnan(kruskal([[1.0, 2.0]])["p"])

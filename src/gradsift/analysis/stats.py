@@ -15,7 +15,8 @@ used the same way by the report and by every study:
   two paired proportions; continuous outcomes (task scores per prompt) go to
   :func:`paired_bootstrap`, a bootstrap of the mean paired difference with a
   two-sided bootstrap p-value. :func:`compare` picks one of the two.
-* **Association**: :func:`spearman` (``scipy.stats.spearmanr``).
+* **Association**: :func:`spearman` (``scipy.stats.spearmanr``); one value across several groups
+  (G_i across task categories): :func:`kruskal` (``scipy.stats.kruskal``).
 * **Balance of matched subsets**: :func:`smd`, the standardized mean difference with
   the pooled standard deviation ``sqrt((s_t^2 + s_c^2) / 2)`` (Austin 2009); the usual
   reading is that ``|SMD| < 0.1`` is balanced.
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["mean_sd", "bootstrap_ci", "paired_bootstrap", "mcnemar", "compare", "spearman", "smd"]
+__all__ = ["mean_sd", "bootstrap_ci", "paired_bootstrap", "mcnemar", "compare", "spearman", "kruskal", "smd"]
 
 
 def _vec(values) -> np.ndarray:
@@ -189,6 +190,21 @@ def spearman(x, y) -> dict:
         return {"rho": float("nan"), "p": float("nan"), "n": n}
     res = _st.spearmanr(a, b)
     return {"rho": float(res.statistic), "p": float(res.pvalue), "n": n}
+
+
+def kruskal(groups) -> dict:
+    """Kruskal-Wallis H test that several groups share one distribution: ``{"H", "p", "k", "n"}``.
+
+    ``groups`` is a sequence of array-likes (or a mapping name -> values); groups with no
+    value are left out. ``H`` and ``p`` are NaN with fewer than two groups or all values equal.
+    """
+    items = list(groups.values()) if isinstance(groups, dict) else list(groups)
+    kept = [g for g in (_vec(x) for x in items) if g.size]
+    n = int(sum(g.size for g in kept))
+    if len(kept) < 2 or np.all(np.concatenate(kept) == kept[0][0]):
+        return {"H": float("nan"), "p": float("nan"), "k": len(kept), "n": n}
+    res = _st.kruskal(*kept)
+    return {"H": float(res.statistic), "p": float(res.pvalue), "k": len(kept), "n": n}
 
 
 def smd(x_treated, x_control) -> float:
