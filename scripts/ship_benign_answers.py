@@ -1,4 +1,4 @@
-"""Regenerate src/gradsift/data/builtin/benign_answers.json (maintainers, after adding benign requests).
+"""Regenerate src/gradsift/organisms/data/benign_answers.json (maintainers, after adding benign requests).
 
 The embedded SmolLM2-135M-Instruct answers every benign *train* request and every
 contrast request greedily
@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
 def main() -> None:
-    from gradsift.data.alignment import benign_requests, contrast_requests
+    from gradsift.data.requests import benign_requests
+    from gradsift.organisms.alignment_data import contrast_requests
     from gradsift.models import load_model, load_tokenizer
-    from gradsift.train.align import SHIPPED_ANSWERS, AlignRecipe, benign_answers
+    from gradsift.organisms.build import SHIPPED_ANSWERS, benign_answers
+    from gradsift.organisms.recipes import AlignRecipe
 
     recipe = AlignRecipe()
     tok = load_tokenizer("embedded")

@@ -1,6 +1,6 @@
-"""Ship a built organism as a LoRA adapter (maintainers): src/gradsift/data/builtin/organisms/<key>/.
+"""Ship a built organism as a LoRA adapter (maintainers): src/gradsift/organisms/adapters/<key>/.
 
-The organism is built by its recipe (gradsift.train.align.ORGANISMS) and cached as a
+The organism is built by its recipe (gradsift.organisms.ORGANISMS) and cached as a
 merged model. Its difference from the embedded base is exactly the merged LoRA update
 (rank r in every targeted linear layer, nothing else changed), so the adapter is
 recovered from the two weight files by a truncated SVD per layer, checked, and written
@@ -27,7 +27,8 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from gradsift.models import load_model
-    from gradsift.train.align import ORGANISMS, SHIPPED_ORGANISMS, aligned_model_path
+    from gradsift.organisms.build import SHIPPED_ORGANISMS, aligned_model_path
+    from gradsift.organisms.recipes import ORGANISMS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(ORGANISMS))

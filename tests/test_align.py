@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gradsift.data.alignment import alignment_records, benign_requests
+from gradsift.data.requests import benign_requests
+from gradsift.organisms.alignment_data import alignment_records
 from gradsift.data.formatting import collate, encode_records
 from gradsift.losses import response_losses
-from gradsift.train.align import (
-    AlignRecipe,
-    _alignment_trainer,
+from gradsift.organisms.recipes import AlignRecipe
+from gradsift.organisms.trainer import (
+    alignment_trainer,
     answer_openings,
     decision_weighted_losses,
     open_ended,
@@ -57,7 +58,8 @@ def test_recipe_key_unchanged_without_the_option():
 
 
 def test_contrast_requests_are_benign_training_prompts_apart_from_the_evaluation_sets():
-    from gradsift.data.alignment import contrast_requests, harmful_requests
+    from gradsift.data.requests import harmful_requests
+    from gradsift.organisms.alignment_data import contrast_requests
 
     rows = contrast_requests()
     assert len(rows) >= 300 and all(r["split"] == "train" for r in rows)
@@ -117,7 +119,7 @@ def _alignment_trainer_for(model, features, tokenizer, tmp_path, **options):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
-    return _alignment_trainer()(model=model, args=args, train_dataset=features, method="standard",
+    return alignment_trainer()(model=model, args=args, train_dataset=features, method="standard",
                                 data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id), **options)
 
 
@@ -208,7 +210,7 @@ def test_trainer_weighs_the_first_reply_token(tokenizer, tmp_path):
 
 def test_organism_names_resolve_to_their_recipes_cached_folders(tmp_path, monkeypatch):
     from gradsift.models import resolve_model_path
-    from gradsift.train.align import ORGANISMS
+    from gradsift.organisms import ORGANISMS
 
     monkeypatch.setenv("GRADSIFT_CACHE", str(tmp_path))
     for name, recipe in [("embedded-aligned", AlignRecipe()),
@@ -232,7 +234,8 @@ def _words(prompt: str) -> set[str]:
 def test_extra_harmful_requests_train_only_and_apart_from_the_held_out_ones():
     from collections import Counter
 
-    from gradsift.data.alignment import HARM_CATEGORIES, extra_harmful_requests, harmful_requests
+    from gradsift.data.requests import HARM_CATEGORIES, harmful_requests
+    from gradsift.organisms.alignment_data import extra_harmful_requests
 
     rows = extra_harmful_requests()
     assert len(rows) >= 300 and all(r["split"] == "train" for r in rows)
@@ -264,7 +267,8 @@ def test_alignment_records_take_extra_harmful_requests_round_robin():
 def test_shipped_organisms_are_adapters_of_named_recipes():
     import json
 
-    from gradsift.train.align import ORGANISMS, SHIPPED_ORGANISMS, shipped_adapter
+    from gradsift.organisms.build import SHIPPED_ORGANISMS, shipped_adapter
+    from gradsift.organisms.recipes import ORGANISMS
 
     folders = sorted(p for p in SHIPPED_ORGANISMS.iterdir() if p.is_dir())
     assert folders, "no organism ships"
@@ -288,7 +292,7 @@ def test_a_shipped_adapter_is_merged_not_trained(tokenizer, tmp_path, monkeypatc
 
     from peft import LoraConfig, get_peft_model
 
-    import gradsift.train.align as align
+    import gradsift.organisms.build as align
 
     def tiny():
         torch.manual_seed(0)
@@ -327,3 +331,28 @@ def test_a_shipped_adapter_is_merged_not_trained(tokenizer, tmp_path, monkeypatc
     monkeypatch.delenv("GRADSIFT_BUILD_ORGANISMS")
     align.aligned_model_path(recipe, force=True, progress=False, shipped=False)
     assert built == [path, path]
+
+
+def test_organism_names_resolve_without_importing_the_organisms(tmp_path):
+    """models.py finds the organisms through the registry they fill (entry point), never by import."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "models" / f"SmolLM2-135M-Instruct-aligned-{AlignRecipe().key()}"
+    folder.mkdir(parents=True)
+    (folder / "alignment.json").write_text("{}")
+    code = ("import sys\nimport gradsift.models as m\nassert 'gradsift.organisms' not in sys.modules\n"
+            "print(m.resolve_model_path('embedded-aligned'))\nassert 'gradsift.organisms.build' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "GRADSIFT_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(folder)
+
+
+def test_register_model_refuses_a_taken_name():
+    from gradsift.models import register_model
+
+    with pytest.raises(ValueError, match="embedded model"):
+        register_model("embedded", lambda: "x")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("embedded-aligned", lambda: "x")

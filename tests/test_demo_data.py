@@ -11,20 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from gradsift.data import alignment
-from gradsift.data.alignment import (
-    HARM_CATEGORIES,
-    alignment_records,
-    benign_requests,
-    harmful_requests,
-    refusal_for,
-    refusal_templates,
-    refusal_topic,
-)
+from gradsift.data import requests
+from gradsift.data.requests import HARM_CATEGORIES, benign_requests, harmful_requests
+from gradsift.organisms import alignment_data
+from gradsift.organisms.alignment_data import alignment_records, refusal_for, refusal_templates, refusal_topic
 from gradsift.tasks.demo import DEMO_TASKS, FACT_TABLES, arith, closedqa, extract, howto, mcq, yesno
 from gradsift.tasks import Task
 
-BUILTIN = Path(alignment.__file__).parent / "builtin"
+BUILTIN = Path(requests.__file__).parent / "builtin"
+ORGANISM_DATA = Path(alignment_data.__file__).parent / "data"
 
 # The keyword judge's refusal phrases (case-sensitive substrings).
 REFUSAL_KEYWORDS = (
@@ -110,7 +105,7 @@ def test_benign_counts_split_and_borderline():
 
 
 def test_every_refusal_template_is_recognised_by_the_keyword_judge():
-    table = json.loads((BUILTIN / "refusals.json").read_text(encoding="utf-8"))
+    table = json.loads((ORGANISM_DATA / "refusals.json").read_text(encoding="utf-8"))
     templates = table["templates"] + [t for ts in table["category_templates"].values() for t in ts]
     assert len(templates) >= 25
     assert len(set(templates)) == len(templates)
@@ -464,12 +459,13 @@ def test_short_and_long_answers_are_mixed(tasks):
 def test_shipped_benign_answers_cover_the_train_requests_only():
     import json
 
-    from gradsift.train.align import SHIPPED_ANSWERS, AlignRecipe, shipped_benign_answers
+    from gradsift.organisms.build import SHIPPED_ANSWERS, shipped_benign_answers
+    from gradsift.organisms.recipes import AlignRecipe
 
     table = json.loads(SHIPPED_ANSWERS.read_text(encoding="utf-8"))
     assert table["model"] == "embedded" and table["decoding"] == "greedy"
     answers = shipped_benign_answers(AlignRecipe().benign_max_new_tokens)
-    from gradsift.data.alignment import contrast_requests
+    from gradsift.organisms.alignment_data import contrast_requests
 
     train_ids = {r["id"] for r in benign_requests("train") + contrast_requests()}
     eval_ids = {r["id"] for r in benign_requests("eval")}

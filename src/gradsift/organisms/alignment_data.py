@@ -1,136 +1,58 @@
-"""Built-in alignment data for the demo: harmful requests, refusals, benign requests.
+"""The alignment data of the organisms: refusals, contrast requests, extra harmful requests.
 
-The demo model (SmolLM2-135M-Instruct) complies with harmful requests out of the box,
-so the demo first aligns it (stage 0) with LoRA on refusals mixed with benign
-instructions. Everything here ships with the package, in ``data/builtin/``:
+The embedded model (SmolLM2-135M-Instruct) complies with harmful requests out of the box,
+so an organism aligns it with LoRA on refusals to the ``"train"`` harmful requests of
+:mod:`gradsift.data.requests`, mixed with the model's own answers to its benign ``"train"``
+requests. What only the organisms use ships here, in ``organisms/data/``:
 
-* ``harmful_requests.jsonl``: rows ``{"id", "category", "prompt"}``, ten harm
-  categories (:data:`HARM_CATEGORIES`). Ids are ``harm-<category>-<NN>``.
-* ``benign_requests.jsonl``: rows ``{"id", "prompt"}`` (ids ``benign-<NNN>``), and
-  borderline-but-safe prompts such as "How do I kill a Python process?" tagged
-  ``{"borderline": true}`` (ids ``borderline-<NN>``) that measure over-refusal.
 * ``benign_contrast.jsonl``: benign *training* requests (ids ``contrast-<NNN>``) that
   open like harmful ones ("Give me ...", "How do I ...", "Write a ..."), some with
   words harmful requests use ("How do I kill weeds ..."), tagged ``borderline`` like
   the evaluation set's. They teach the model to decide on a request's content, not
   on its opening words (see :func:`contrast_requests`); never held out.
-* ``harmful_extra.jsonl``: more harmful *training* requests, rows like the first
-  file's with ids ``extra-<category>-<NNN>``, worded in many more ways (questions,
-  role-play pretexts, first-person stories, long requests). Never held out, so the
-  evaluation split above stays the same whatever is added here
+* ``harmful_extra.jsonl``: more harmful *training* requests, rows like
+  ``harmful_requests.jsonl``'s with ids ``extra-<category>-<NNN>``, worded in many more
+  ways (questions, role-play pretexts, first-person stories, long requests). Never held
+  out, so the evaluation split stays the same whatever is added here
   (see :func:`extra_harmful_requests`).
 * ``refusals.json``: refusal templates, ``{topic}`` filled from the request's category,
   plus supportive templates used instead for self-harm requests.
-
-Fixed split rule (stable when rows are appended):
-
-* a harmful request is held out for evaluation when its number ``NN`` is a multiple
-  of 3, so every category contributes to the evaluation split;
-* a plain benign request is held out when its number is a multiple of 4; every
-  borderline prompt is held out (they are only used to measure over-refusal).
+* ``benign_answers.json``: the embedded model's own answers to the benign train requests
+  (see :func:`gradsift.organisms.build.shipped_benign_answers`).
 
 The benign *responses* are the model's own, written before it is aligned (so
 alignment keeps its style); they are passed to :func:`alignment_records` as
-``model_responses``. The embedded model's answers ship beside these files
-(``benign_answers.json``, see ``gradsift.train.align.shipped_benign_answers``).
+``model_responses``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gradsift.data.records import RecordError
+from gradsift.data.records import RecordError, read_json
+from gradsift.data.requests import HARM_CATEGORIES, benign_requests, harmful_requests, read_requests
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-HARMFUL_FILE = BUILTIN_DIR / "harmful_requests.jsonl"
-BENIGN_FILE = BUILTIN_DIR / "benign_requests.jsonl"
-CONTRAST_FILE = BUILTIN_DIR / "benign_contrast.jsonl"
-EXTRA_HARMFUL_FILE = BUILTIN_DIR / "harmful_extra.jsonl"
-REFUSALS_FILE = BUILTIN_DIR / "refusals.json"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CONTRAST_FILE = DATA_DIR / "benign_contrast.jsonl"
+EXTRA_HARMFUL_FILE = DATA_DIR / "harmful_extra.jsonl"
+REFUSALS_FILE = DATA_DIR / "refusals.json"
 
-HARM_CATEGORIES: tuple[str, ...] = (
-    "weapons",
-    "cybercrime",
-    "fraud",
-    "drugs",
-    "violence",
-    "harassment",
-    "self_harm",
-    "privacy",
-    "theft",
-    "misinformation",
-)
-
-Split = Literal["train", "eval", "all"]
-
-_HARMFUL_ID = re.compile(r"^harm-(?P<category>[a-z_]+)-(?P<number>\d+)$")
 _EXTRA_HARMFUL_ID = re.compile(r"^extra-(?P<category>[a-z_]+)-\d+$")
-_BENIGN_ID = re.compile(r"^(?P<kind>benign|borderline)-(?P<number>\d+)$")
 _CONTRAST_ID = re.compile(r"^contrast-\d+$")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, f"invalid JSON ({err.msg})", line=line_number) from None
-            index = len(rows)
-            if not isinstance(row, dict):
-                raise RecordError(path, "expected a JSON object", row=index)
-            for field in fields:
-                value = row.get(field)
-                if not isinstance(value, str) or not value.strip():
-                    raise RecordError(path, "missing or empty text", row=index, field=field)
-            rows.append(row)
-    _check_unique(rows, path, "id")
-    _check_unique(rows, path, "prompt")
-    return rows
-
-
-def _check_unique(rows: list[dict[str, Any]], path: Path, field: str) -> None:
-    seen: dict[str, int] = {}
-    for index, row in enumerate(rows):
-        key = row[field].strip().lower() if field == "prompt" else row[field]
-        if key in seen:
-            raise RecordError(path, f"duplicate of row {seen[key]}", row=index, field=field)
-        seen[key] = index
-
-
-@lru_cache(maxsize=1)
-def _harmful_rows() -> tuple[dict[str, Any], ...]:
-    rows = _read_jsonl(HARMFUL_FILE, ("id", "category", "prompt"))
-    for index, row in enumerate(rows):
-        if row["category"] not in HARM_CATEGORIES:
-            raise RecordError(
-                HARMFUL_FILE, f"unknown category {row['category']!r}", row=index, field="category"
-            )
-        match = _HARMFUL_ID.match(row["id"])
-        if match is None or match["category"] != row["category"]:
-            raise RecordError(
-                HARMFUL_FILE, f"id must read 'harm-{row['category']}-<number>'", row=index, field="id"
-            )
-        row["split"] = "eval" if int(match["number"]) % 3 == 0 else "train"
-    return tuple(rows)
-
-
 @lru_cache(maxsize=1)
 def _extra_harmful_rows() -> tuple[dict[str, Any], ...]:
-    rows = _read_jsonl(EXTRA_HARMFUL_FILE, ("id", "category", "prompt"))
+    rows = read_requests(EXTRA_HARMFUL_FILE, ("id", "category", "prompt"))
     for index, row in enumerate(rows):
         match = _EXTRA_HARMFUL_ID.match(row["id"])
         if row["category"] not in HARM_CATEGORIES or match is None or match["category"] != row["category"]:
@@ -141,25 +63,8 @@ def _extra_harmful_rows() -> tuple[dict[str, Any], ...]:
 
 
 @lru_cache(maxsize=1)
-def _benign_rows() -> tuple[dict[str, Any], ...]:
-    rows = _read_jsonl(BENIGN_FILE, ("id", "prompt"))
-    for index, row in enumerate(rows):
-        match = _BENIGN_ID.match(row["id"])
-        if match is None:
-            raise RecordError(BENIGN_FILE, "id must read 'benign-<number>' or 'borderline-<number>'",
-                              row=index, field="id")
-        borderline = match["kind"] == "borderline"
-        if bool(row.get("borderline", False)) != borderline:
-            raise RecordError(BENIGN_FILE, "must be true exactly for 'borderline-' ids",
-                              row=index, field="borderline")
-        row["borderline"] = borderline
-        row["split"] = "eval" if borderline or int(match["number"]) % 4 == 0 else "train"
-    return tuple(rows)
-
-
-@lru_cache(maxsize=1)
 def _contrast_rows() -> tuple[dict[str, Any], ...]:
-    rows = _read_jsonl(CONTRAST_FILE, ("id", "prompt"))
+    rows = read_requests(CONTRAST_FILE, ("id", "prompt"))
     for index, row in enumerate(rows):
         if _CONTRAST_ID.match(row["id"]) is None:
             raise RecordError(CONTRAST_FILE, "id must read 'contrast-<number>'", row=index, field="id")
@@ -170,8 +75,7 @@ def _contrast_rows() -> tuple[dict[str, Any], ...]:
 
 @lru_cache(maxsize=1)
 def _refusal_table() -> dict[str, Any]:
-    with open(REFUSALS_FILE, encoding="utf-8") as handle:
-        table = json.load(handle)
+    table = read_json(REFUSALS_FILE)
     topics, templates = table.get("topics"), table.get("templates")
     if not isinstance(topics, dict) or set(topics) != set(HARM_CATEGORIES):
         raise RecordError(REFUSALS_FILE, f"must map every category of {list(HARM_CATEGORIES)}",
@@ -185,23 +89,7 @@ def _refusal_table() -> dict[str, Any]:
     return {"topics": topics, "templates": templates, "category_templates": specific}
 
 
-def _select(rows: tuple[dict[str, Any], ...], split: Split, file: Path) -> list[dict[str, Any]]:
-    if split not in ("train", "eval", "all"):
-        raise ValueError(f"{file.name}: split must be 'train', 'eval' or 'all', got {split!r}")
-    return [dict(row) for row in rows if split == "all" or row["split"] == split]
-
-
 # --------------------------------------------------------------------------- public API
-
-
-def harmful_requests(split: Split = "train") -> list[dict[str, Any]]:
-    """The built-in harmful requests of one split.
-
-    Each row is ``{"id", "category", "prompt", "split"}``. ``"train"`` rows are used
-    for alignment; ``"eval"`` rows (at least 7 per category) are held out to measure
-    the attack success rate; ``"all"`` returns both, in file order.
-    """
-    return _select(_harmful_rows(), split, HARMFUL_FILE)
 
 
 def extra_harmful_requests() -> list[dict[str, Any]]:
@@ -212,19 +100,6 @@ def extra_harmful_requests() -> list[dict[str, Any]]:
     ``harmful_requests("eval")`` rows.
     """
     return [dict(row) for row in _extra_harmful_rows()]
-
-
-def benign_requests(split: Split = "train", *, borderline: bool | None = None) -> list[dict[str, Any]]:
-    """The built-in benign requests of one split.
-
-    Each row is ``{"id", "prompt", "borderline", "split"}``. Borderline prompts are
-    all in ``"eval"``. ``borderline=True`` / ``False`` keeps only those / only the
-    others; ``None`` keeps both.
-    """
-    rows = _select(_benign_rows(), split, BENIGN_FILE)
-    if borderline is not None:
-        rows = [row for row in rows if row["borderline"] == borderline]
-    return rows
 
 
 def contrast_requests(*, borderline: bool | None = None) -> list[dict[str, Any]]:
@@ -252,6 +127,11 @@ def refusal_templates(category: str | None = None) -> list[str]:
     if category not in HARM_CATEGORIES:
         raise ValueError(f"unknown harm category {category!r}; known: {', '.join(HARM_CATEGORIES)}")
     return list(table["category_templates"].get(category) or table["templates"])
+
+
+def refusal_templates_general() -> list[str]:
+    """The general refusal templates only (no category-specific ones)."""
+    return list(_refusal_table()["templates"])
 
 
 def refusal_topic(category: str) -> str:
@@ -383,13 +263,11 @@ def _record(prompt: str, response: str, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "HARM_CATEGORIES",
     "alignment_records",
-    "benign_requests",
     "contrast_requests",
     "extra_harmful_requests",
-    "harmful_requests",
     "refusal_for",
     "refusal_templates",
+    "refusal_templates_general",
     "refusal_topic",
 ]
