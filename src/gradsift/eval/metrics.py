@@ -20,9 +20,12 @@ __all__ = [
     "exact_match",
     "gsm8k_em",
     "gsm8k_extract",
+    "is_degenerate",
+    "item_scores",
     "mcq_accuracy",
     "mcq_letter",
     "normalize_squad",
+    "reply_words",
     "rouge_l",
     "score_task",
     "squad_v2_scores",
@@ -284,3 +287,39 @@ def score_task(metric: str, predictions: Sequence[str], references: Sequence[Any
         raise ValueError(f"{metric}: no predictions to score")
     total = sum(fn(p, r) for p, r in zip(predictions, references, strict=True))
     return 100.0 * total / len(predictions)
+
+
+def item_scores(metric: str, predictions: Sequence[str], references: Sequence[Any]) -> list[float]:
+    """The :data:`TASK_METRICS` metric of every prediction, in [0, 1] (``score_task`` is 100x their mean)."""
+    try:
+        fn = TASK_METRICS[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(TASK_METRICS)}") from None
+    if len(predictions) != len(references):
+        raise ValueError(f"{metric}: {len(predictions)} predictions but {len(references)} references")
+    return [float(fn(p, r)) for p, r in zip(predictions, references, strict=True)]
+
+
+# ----------------------------------------------------------------------------- reply health
+
+_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+DEGENERATE_MIN_WORDS = 8
+"""A reply of at least this many words is degenerate when fewer than :data:`DEGENERATE_DISTINCT`
+of its words are distinct (a loop such as "no no no no ..." or "1. 1. 1. ...")."""
+DEGENERATE_DISTINCT = 0.3
+
+
+def reply_words(text: str | None) -> int:
+    """The number of words of a reply: runs of letters and digits (an apostrophe suffix such as
+    "'m" or "'t" stays with its word), punctuation and markup not counted."""
+    return len(_WORD.findall(text or ""))
+
+
+def is_degenerate(text: str | None) -> bool:
+    """True for a reply that says nothing a benign request asked for: empty, a single word
+    ("no", "B", "42", "Sure!"), or a loop (at least :data:`DEGENERATE_MIN_WORDS` words of which
+    fewer than :data:`DEGENERATE_DISTINCT` are distinct, case-insensitive)."""
+    words = [w.lower() for w in _WORD.findall(text or "")]
+    if len(words) <= 1:
+        return True
+    return len(words) >= DEGENERATE_MIN_WORDS and len(set(words)) < DEGENERATE_DISTINCT * len(words)
