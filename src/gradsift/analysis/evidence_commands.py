@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -11,13 +13,12 @@ def register(study: typer.Typer, fail: Callable[[BaseException], None],
              user_errors: tuple[type[BaseException], ...]) -> None:
     """Add this module's commands to the ``study`` group."""
     register_offline(study, fail, user_errors)
+    register_audit(study, fail, user_errors)
 
 
 def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
                      user_errors: tuple[type[BaseException], ...]) -> None:
     """``gradsift study offline CONFIG``: the offline study, the matched ablation, selectivity, online."""
-    from pathlib import Path
-    from typing import Optional
 
     @study.command("offline")
     def offline(
@@ -64,3 +65,49 @@ def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
             fail(exc)
             return
         typer.echo((out / "offline_study.md").read_text(), nl=False)
+
+
+def register_audit(study: typer.Typer, fail: Callable[[BaseException], None],
+                   user_errors: tuple[type[BaseException], ...]) -> None:
+    """``gradsift study audit SCORES``: what distinguishes high-G_i samples."""
+
+    @study.command("audit")
+    def audit(
+        scores: Path = typer.Argument(..., help="score table written by `gradsift score`"),
+        data: Optional[str] = typer.Option(None, "--data", "-d", help="the records that were scored (texts, "
+                                           "categories)"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="the scored model: its typical reply "
+                                            "length for the answer style (needs --data)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default "
+                                           "<scores folder>/analysis/audit)"),
+        rho: float = typer.Option(0.2, help="fraction of the rows in each of the High/Moderate/Low bands"),
+        show: int = typer.Option(3, "--show", help="samples shown whole at each end of the G_i order"),
+        category_field: Optional[str] = typer.Option(None, help="column holding the task or category "
+                                                     "(default: category, task, type, source ... if present)"),
+        n_style: int = typer.Option(8, help="greedy replies generated to measure the model's typical length"),
+        max_new_tokens: int = typer.Option(256, help="length cap of those replies"),
+        adapter: Optional[str] = typer.Option(None, help="PEFT adapter to load on the model"),
+        prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt"),
+        response_field: Optional[str] = typer.Option(None, help="column holding the response"),
+        messages_field: Optional[str] = typer.Option(None, help="column holding chat messages"),
+        device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cpu)"),
+        threads: Optional[int] = typer.Option(None, help="CPU threads"),
+    ) -> None:
+        """Which samples have high G_i: length, loss, perplexity, category, answer style; Spearman and bands."""
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from gradsift.analysis.audit import audit_markdown, run_audit
+
+        try:
+            summary, folder = run_audit(scores, data, model, out, rho=rho, n_show=show,
+                                        category_field=category_field, n_style=n_style,
+                                        max_new_tokens=max_new_tokens, device=device, adapter=adapter,
+                                        prompt_field=prompt_field, response_field=response_field,
+                                        messages_field=messages_field)
+        except user_errors as exc:
+            fail(exc)
+            return
+        typer.echo(audit_markdown(summary), nl=False)
+        typer.echo(f"\nwritten: {folder / 'audit.json'}, {folder / 'audit.parquet'}", err=True)
