@@ -126,6 +126,7 @@ def tiny_study(tmp_path_factory):
     return path, out, opts
 
 
+@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
 def test_study_trains_each_subset_alone_and_evaluates_the_aligned_model_once(tiny_study):
     _, out, _ = tiny_study
     scores = pd.read_parquet(out / "scores.parquet")
@@ -145,6 +146,7 @@ def test_study_trains_each_subset_alone_and_evaluates_the_aligned_model_once(tin
     assert (out / "aligned" / "stage_0" / "generations").is_dir()
 
 
+@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
 def test_table_values_come_from_the_evaluations(tiny_study):
     _, out, _ = tiny_study
     doc = json.loads((out / "offline_study.json").read_text())
@@ -180,6 +182,7 @@ def test_table_values_come_from_the_evaluations(tiny_study):
     assert {"aligned-seed0", "high-seed0", "moderate-seed0", "random-seed0"} <= {r["run"] for r in top}
 
 
+@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
 def test_rerun_skips_finished_subsets(tiny_study, monkeypatch):
     import gradsift.train.stages as stages
     from gradsift.analysis.offline import run_offline_study
@@ -209,6 +212,7 @@ def test_rerun_skips_finished_subsets(tiny_study, monkeypatch):
         run_offline_study(path, out, replace(opts, rho=0.5))
 
 
+@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
 def test_report_shows_the_study(tiny_study):
     from gradsift.report.html import build_report
 

@@ -320,6 +320,7 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
     _check_folder(out, fingerprint)
     study = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
     times: dict[str, float] = study.get("times", {})
+    cpu_times: dict[str, float] = study.get("cpu_times", {})  # process CPU seconds: the machine's load aside
     reference = _reference_name(cfg, options.reference_model)
 
     def save_study() -> None:
@@ -327,7 +328,20 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
         opts["capability"] = [asdict(c) for c in options.capability]
         (out / STUDY_FILE).write_text(json.dumps(
             {"fingerprint": fingerprint, "options": opts, "seeds": seeds, "task": task.name,
-             "reference_model": reference, "times": times}, indent=2, default=str))
+             "reference_model": reference, "times": times, "cpu_times": cpu_times}, indent=2, default=str))
+
+    class phase:  # noqa: N801  (records the wall-clock and CPU seconds of one phase)
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def __enter__(self):
+            self.t0, self.c0 = time.time(), time.process_time()
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                times[self.key] = time.time() - self.t0
+                cpu_times[self.key] = time.process_time() - self.c0
+                save_study()
 
     save_study()
     (out / "config.resolved.yaml").write_text(dump_config(study_cfg))
@@ -341,11 +355,9 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
 
     # 1. scores at the aligned weights
     if not (out / SCORES_FILE).exists():
-        t0 = time.time()
         console.print(f"[bold]scoring[/] {len(features)} rows of {task.name} at the aligned weights")
-        _score_pool(model, tokenizer, task, features, options, out, reference)
-        times["score_s"] = time.time() - t0
-        save_study()
+        with phase("score_s"):
+            _score_pool(model, tokenizer, task, features, options, out, reference)
     scores = pd.read_parquet(out / SCORES_FILE)
 
     # 2-3. subsets
@@ -380,11 +392,9 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
     base_hook = make_eval_hook(cfg.eval, base=resolve_config(config).resolve().parent)
     hook = _study_hook(base_hook, task, options.capability) if (base_hook or options.capability) else None
     if not (out / ALIGNED / "stage_0" / "DONE").exists():
-        t0 = time.time()
         console.print("[bold]evaluating[/] the aligned model")
-        aligned_rows = _evaluate_aligned(cfg, model, tokenizer, hook, out)
-        times["aligned_eval_s"] = time.time() - t0
-        save_study()
+        with phase("aligned_eval_s"):
+            _evaluate_aligned(cfg, model, tokenizer, hook, out)
     aligned_rows = _read_jsonl(out / ALIGNED / "results.jsonl")
     del model
 
@@ -395,14 +405,12 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
             run = f"standard-seed{seed}"
             if (sub_out / run / "stage_1" / "DONE").exists():
                 continue
-            t0 = time.time()
             console.print(f"[bold]{key}[/]: fine-tuning on {len(rows)} rows")
             data_file = sub_out / "train.jsonl"
             _write_subset_file(records_by_row, rows, data_file)
             _seed_stage0(sub_out, run, seed, aligned_rows)
-            run_training(_subset_config(cfg, task, data_file, name, seed), output_dir=sub_out, eval_hook=hook)
-            times[f"{key}_s"] = time.time() - t0
-            save_study()
+            with phase(f"{key}_s"):
+                run_training(_subset_config(cfg, task, data_file, name, seed), output_dir=sub_out, eval_hook=hook)
 
     # 6. the online rule on the same rows
     if options.online:
@@ -415,15 +423,12 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
         for m in ("random", "moderate"):
             for seed in seeds:
                 _seed_stage0(online_out, f"{m}-seed{seed}", seed, aligned_rows)
-        t0 = time.time()
         done_before = all((online_out / f"{m}-seed{s}" / "stage_1" / "DONE").exists()
                           for m in ("random", "moderate") for s in seeds)
-        run_training(online_cfg, output_dir=online_out, eval_hook=hook)
         if not done_before:
-            times["online_s"] = time.time() - t0
-            save_study()
+            with phase("online_s"):
+                run_training(online_cfg, output_dir=online_out, eval_hook=hook)
 
-    times["total_s_last_call"] = time.time() - t_start
     save_study()
     tables = study_tables(out)
     console.print(f"[green]offline study[/]: {out / SUMMARY_FILE}  ({(time.time() - t_start) / 60:.1f} min)")
@@ -615,6 +620,7 @@ def study_tables(out: str | Path) -> dict[str, Any]:
 
     doc = {"task": study.get("task"), "seeds": study.get("seeds"), "options": study.get("options"),
            "reference_model": study.get("reference_model"), "times": study.get("times", {}),
+           "cpu_times": study.get("cpu_times", {}),
            "n_rows": subsets_doc.get("n_rows"), "arms": arms_table, "tests": tests, "lengths": lengths,
            "matching": subsets_doc.get("matching"), "correlations": _correlations(scores)}
     (out / TABLES_FILE).write_text(json.dumps(doc, indent=2, default=_json_default))
@@ -747,8 +753,10 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
         lines += ["", "Spearman correlation of G_i with: " + ", ".join(
             f"{c} {_fmt(v['rho'], 2)}" for c, v in corr.items())]
     times = doc.get("times") or {}
+    cpu = doc.get("cpu_times") or {}
     if times:
-        lines += ["", "Times (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in times.items())]
+        lines += ["", "Times, wall-clock s (process CPU s): " + ", ".join(
+            f"{k.removesuffix('_s')} {v:.0f}" + (f" ({cpu[k]:.0f})" if k in cpu else "") for k, v in times.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,217 @@ from __future__ import annotations
 from gradsift.report.sections import register_section
 
 
+# --------------------------------------------------------------------------- the offline study
+
+
+def _offline_doc(store):
+    import json
+
+    path = store.path / "offline_study.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _offline_cell(r) -> str:
+    from html import escape
+
+    from gradsift.analysis.offline import _fmt
+
+    if r is None:
+        return '<td class="missing">&ndash;</td>'
+    sd = f" ± {_fmt(r['sd'])}" if r["n_seeds"] > 1 else ""
+    text = f"{_fmt(r['mean'])}{sd}"
+    ci = f"[{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]"
+    return (f'<td data-value="{r["mean"]!r}" data-lo="{r["ci_lo"]!r}" data-hi="{r["ci_hi"]!r}">{escape(text)} '
+            f'<span class="sub">{escape(ci)}</span></td>')
+
+
+def _offline_tests_html(doc, pairs, cols, table_id: str) -> str:
+    from html import escape
+
+    from gradsift.analysis.offline import LABELS, _fmt, _fmt_p
+
+    rows = []
+    for t in doc.get("tests", []):
+        if (t["a"], t["b"]) not in pairs or (t["task"], t["metric"]) not in cols:
+            continue
+        rows.append(f"<tr><td class=\"name\">{escape(LABELS.get(t['a'], t['a']))} &minus; "
+                    f"{escape(LABELS.get(t['b'], t['b']))}</td><td>{escape(t['task'] + ' ' + t['metric'])}</td>"
+                    f"<td>{_fmt(t['diff'])} <span class=\"sub\">[{_fmt(t['lo'])}, {_fmt(t['hi'])}]</span></td>"
+                    f"<td>{_fmt_p(t['p'])}</td><td>{escape(t['test'])}</td><td>{t['n']}</td></tr>")
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("A &minus; B", "measurement", "difference [95% CI]", "p", "test", "n"))
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _offline_plot(doc, cols) -> str:
+    """Bars per arm with their 95% intervals over prompts, one panel per safety measurement."""
+    import matplotlib.pyplot as plt
+
+    from gradsift.analysis.offline import LABELS, arm_order
+    from gradsift.report.plots import figure_to_data_uri
+
+    panels = [c for c in cols if c[0].startswith(("safety/", "capability/"))][:4]
+    if not panels:
+        return ""
+    cell = {(r["arm"], r["task"], r["metric"]): r for r in doc["arms"]}
+    arms = arm_order(doc)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        xs, ys, lo, hi = [], [], [], []
+        for i, arm in enumerate(arms):
+            r = cell.get((arm, task, metric))
+            if r is None:
+                continue
+            xs.append(i)
+            ys.append(r["mean"])
+            lo.append(max(0.0, r["mean"] - r["ci_lo"]))
+            hi.append(max(0.0, r["ci_hi"] - r["mean"]))
+        ax.bar(xs, ys, yerr=[lo, hi], capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels([LABELS.get(a, a).replace(" (", "\n(") for a in arms], rotation=60, fontsize=7)
+        ax.set_title(f"{task}\n{metric}", fontsize=8)
+        ax.set_ylim(0, 100)
+    fig.tight_layout()
+    uri = figure_to_data_uri(fig)
+    return (f'<figure class="plot" id="offline-study-plot"><img src="{uri}" alt="offline study">'
+            "<figcaption><b>Offline study.</b> Mean per subset; error bars: 95% bootstrap intervals over prompts."
+            "</figcaption></figure>")
+
+
+def _matching_html(m) -> str:
+    from html import escape
+
+    from gradsift.analysis.offline import _fmt
+
+    rows = []
+    for b in m["balance"]:
+        bal = "" if b["balanced"] is None else ("yes" if b["balanced"] else "<b>no</b>")
+        rows.append(f"<tr><td class=\"name\">{escape(b['covariate'])}</td><td>{_fmt(b['smd_before'], 2)}</td>"
+                    f"<td>{_fmt(b['smd_pools'], 2)}</td><td>{_fmt(b['smd_after'], 2)}</td>"
+                    f"<td>{_fmt(b['mean_high_after'], 2)}</td><td>{_fmt(b['mean_moderate_after'], 2)}</td>"
+                    f"<td>{bal}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("covariate", "SMD before (plain subsets)", "SMD of the pools",
+                                              "SMD after matching", "mean, matched High", "mean, matched Moderate",
+                                              "balanced (|SMD| &le; 0.1)"))
+    notes = "".join(f"<li>{escape(n)}</li>" for n in m.get("notes") or [])
+    verdict = ("" if m.get("balanced") else
+               '<p class="note" id="matching-unbalanced"><b>No matched effect is reported:</b> matching could not '
+               f"balance {escape(', '.join(m.get('unbalanced') or []) or 'enough pairs')} (|SMD| &gt; 0.1 after "
+               "matching). The matched subsets' evaluations are in the measurements below, but they do not separate "
+               "the gradient from the covariates.</p>")
+    return (f"<h3>Matched ablation</h3><p>{escape(m['method'])}; {m['n_pairs']} pairs of {m['k_wanted']} wanted, "
+            f"from pools of {m['pool_sizes'][0]} and {m['pool_sizes'][1]} rows.</p>"
+            f'<table id="matching-balance"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            + (f"<ul>{notes}</ul>" if notes else "") + verdict)
+
+
+def _online_html(doc, cols) -> str:
+    from html import escape
+
+    from gradsift.analysis.offline import _fmt, _fmt_p
+
+    tests = {(t["a"], t["b"], t["task"], t["metric"]): t for t in doc.get("tests", [])}
+    lengths = doc.get("lengths", {})
+
+    def mean_len(arm):
+        vals = [v.get("kept_response_len") for v in (lengths.get(arm) or {}).values()]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    rows = []
+    for task, metric in cols:
+        off = tests.get(("moderate", "random", task, metric))
+        on = tests.get(("online_moderate", "online_random", task, metric))
+        if off is None or on is None:
+            continue
+
+        def side(t):
+            return f"{_fmt(t['diff'])} <span class=\"sub\">[{_fmt(t['lo'])}, {_fmt(t['hi'])}], p {_fmt_p(t['p'])}</span>"
+
+        sig = [t["p"] < 0.05 for t in (off, on)]
+        same = (off["diff"] > 0) == (on["diff"] > 0)
+        verdict = ("agree" if sig[0] and sig[1] and same else "disagree" if sig[0] and sig[1] else
+                   "neither significant" if not any(sig) else "only " + ("offline" if sig[0] else "online")
+                   + " significant")
+        rows.append(f"<tr><td class=\"name\">{escape(task + ' ' + metric)}</td><td>{side(off)}</td><td>{side(on)}</td>"
+                    f"<td>{escape(verdict)}</td></tr>")
+    if not rows:
+        return ""
+    lens = (f"<p>Mean response length of the kept samples (tokens): offline Moderate-G_i {_fmt(mean_len('moderate'))}, "
+            f"Random {_fmt(mean_len('random'))}; online Moderate-G_i {_fmt(mean_len('online_moderate'))}, Random "
+            f"{_fmt(mean_len('online_random'))}.</p>")
+    head = "".join(f"<th>{h}</th>" for h in ("measurement", "offline: Moderate &minus; Random",
+                                              "online: Moderate &minus; Random", "verdict"))
+    return ("<h3>Online against offline</h3><p>The same comparison made by the online rule (the stage loop, "
+            "selection at the current weights in every batch) and by the offline subsets (selection once, at the "
+            "aligned weights).</p>"
+            f'<table id="online-offline"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>' + lens)
+
+
+@register_section
+def offline_study_section(store) -> str:
+    """The offline study (Table 2), the matched ablation, the selectivity test and online against offline."""
+    from html import escape
+
+    from gradsift.analysis.offline import LABELS, _fmt, arm_order, table_columns
+
+    doc = _offline_doc(store)
+    if doc is None:
+        return ""
+    cols = table_columns(doc)
+    cell = {(r["arm"], r["task"], r["metric"]): r for r in doc["arms"]}
+    lengths = doc.get("lengths", {})
+    head = "".join(f"<th>{escape(t)}<br>{escape(m)}</th>" for t, m in cols)
+    body = []
+    matched_ok = bool((doc.get("matching") or {}).get("balanced"))
+    for arm in arm_order(doc):
+        if arm.startswith("matched_") and not matched_ok:
+            continue
+        lens = [v.get("kept_response_len") for v in (lengths.get(arm) or {}).values()]
+        lens = [v for v in lens if v is not None]
+        body.append(f"<tr><td class=\"name\">{escape(LABELS.get(arm, arm))}</td>"
+                    + "".join(_offline_cell(cell.get((arm, t, m))) for t, m in cols)
+                    + f"<td>{_fmt(sum(lens) / len(lens)) if lens else '&ndash;'}</td></tr>")
+    opts = doc.get("options") or {}
+    corr = doc.get("correlations") or {}
+    corr_text = ", ".join(f"{escape(c)} {_fmt(v['rho'], 2)}" for c, v in corr.items())
+    parts = [
+        '<h2 id="offline-study">Offline study: which samples drive the drift</h2>',
+        f"<p>Task {escape(str(doc.get('task')))}: {doc.get('n_rows')} rows scored once at the aligned weights; each "
+        f"subset holds rho = {opts.get('rho')} of them and is fine-tuned alone from the aligned model with the same "
+        f"optimizer settings; seeds {escape(str(doc.get('seeds')))}. Cells: mean over seeds (± sd over seeds when "
+        "several) and the 95% bootstrap interval over prompts. Spearman correlation of G_i with "
+        f"{corr_text or '&ndash;'}.</p>",
+        f'<table id="offline-table"><thead><tr><th class="name">subset</th>{head}<th>response tokens<br>(kept)</th>'
+        f"</tr></thead><tbody>{''.join(body)}</tbody></table>",
+        _offline_plot(doc, cols),
+        _offline_tests_html(doc, {("moderate", "high"), ("moderate", "random"), ("high", "random"),
+                                  ("low", "random")}, cols, "offline-tests"),
+    ]
+    caps = [c for c in cols if c[0].startswith("capability/")]
+    if caps:
+        safety = [c for c in cols if c[0].startswith("safety/")]
+        parts.append("<h3>Selectivity</h3><p>The same subsets judged on an unrelated held-out capability beside "
+                     "safety: if Moderate-G_i protects safety specifically, the safety difference below is large "
+                     "and the capability difference small.</p>")
+        parts.append(_offline_tests_html(doc, {("moderate", "high"), ("moderate", "random")}, safety + caps,
+                                         "selectivity-tests"))
+    m = doc.get("matching")
+    if m:
+        parts.append(_matching_html(m))
+        if matched_ok:
+            parts.append(_offline_tests_html(doc, {("matched_moderate", "matched_high")}, cols, "matched-tests"))
+    parts.append(_online_html(doc, cols))
+    times = doc.get("times") or {}
+    if times:
+        parts.append('<p class="sub">Times (s): ' + escape(", ".join(f"{k.removesuffix('_s')} {v:.0f}"
+                                                                    for k, v in times.items())) + "</p>")
+    return "\n".join(p for p in parts if p)
+
+
 # --------------------------------------------------------------------------- the sample audit
 
 
