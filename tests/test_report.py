@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from gradsift.report import build_report, load_run, summary_markdown
-from gradsift.report.store import RunDirError
+from gradsift.store import RunDirError
 from gradsift.report.tables import asr_per_stage, paper_table, primary_judge, primary_safety_set
 
 TASKS = ["gsm8k", "alpaca"]
@@ -390,7 +390,7 @@ def test_bad_run_dirs(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "results.jsonl").write_text(json.dumps(_rows()[0]) + "\n{oops\n")
-    with pytest.raises(RunDirError, match=r"results.jsonl: row 2: not valid JSON"):
+    with pytest.raises(RunDirError, match=r"results.jsonl: line 2: invalid JSON"):
         load_run(bad)
     row = dict(_rows()[0])
     del row["metric"]

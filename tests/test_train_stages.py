@@ -11,7 +11,8 @@ import torch
 
 from gradsift.train import NonFiniteLossError, load_config, run_training
 from gradsift.train.config import validate_config
-from gradsift.train.stages import RESULT_KEYS, build_tokenizer, load_stage_state
+from gradsift.store import RESULT_COLUMNS
+from gradsift.train.stages import build_tokenizer, load_stage_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_results_resume_and_reload(tmp_path, shared_data):
     assert (run_dir / "stage_2" / "DONE").exists()
 
     rows = read_results(out)
-    assert all(set(RESULT_KEYS) <= set(r) for r in rows)
+    assert all(set(RESULT_COLUMNS) <= set(r) for r in rows)
     keys = [(r["stage"], r["task"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys)), "a resumed stage left duplicate rows"
     probes = sorted(r["stage"] for r in rows if r["task"] == "probe")

@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from gradsift.runtime import process_state
+
 app = typer.Typer(
     name="gradsift",
     help="Keep an aligned LLM safe while fine-tuning it on a sequence of tasks "
@@ -79,20 +81,13 @@ def score(
         table = score_dataset(m, tok, data, out, opts)
     except USER_ERRORS as exc:
         _fail(exc)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_state().is_main_process:
         _print_distribution(table, out)
 
 
 def _device(device: Optional[str]):
-    import torch
-
-    if device:
-        return device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState().device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``--device``, or this process's accelerator in the launch (the CPU when there is none)."""
+    return device or process_state().device
 
 
 def _print_distribution(table, out: Optional[Path]) -> None:

@@ -65,9 +65,9 @@ def run_pipeline(config: Path, output: Path | None = None, overrides: list[str] 
     cfg = validate_config(data, source=str(config), base=config.resolve().parent)
     hook = make_eval_hook(cfg.eval, base=config.resolve().parent)
     out = run_training(cfg, output_dir=output, eval_hook=hook)
-    from gradsift.train.stages import Ranks
+    from gradsift.runtime import process_state
 
-    if not Ranks().main:  # under a multi-process launch the main process writes the report
+    if not process_state().is_main_process:  # under a multi-process launch the main process writes the report
         return out
     from gradsift.report import build_report, load_run, summary_markdown
 

@@ -1,4 +1,4 @@
-"""Process-level settings for training on a CPU.
+"""Process-level settings: the process's place in a launch, and the CPU allocator.
 
 PyTorch's CPU tensors come from the C allocator. glibc's malloc hands blocks above
 a threshold back to the operating system when they are freed and adapts that
@@ -47,3 +47,17 @@ def tune_cpu_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2
     trim = min(int(trim_threshold), 2**31 - 1)  # mallopt takes an int
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
     return _applied
+
+
+def process_state():
+    """This process's place in a launch: accelerate's :class:`~accelerate.PartialState`.
+
+    One process: rank 0 of 1, on the GPU when there is one. Under ``accelerate launch`` /
+    ``torchrun`` (``WORLD_SIZE`` > 1) the first call sets up the process group, so that the
+    main process's file writes can be fenced with ``wait_for_everyone()`` /
+    ``main_process_first()``. The state is shared: every call returns the same one.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -12,7 +12,6 @@ generations to ``<out>/generations/``, the refusal-list hash to ``<out>/eval_met
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -179,16 +178,6 @@ def print_rows(rows: Sequence[dict[str, Any]], title: str) -> None:
     Console().print(table)
 
 
-def append_results(path: Path, rows: Sequence[dict[str, Any]], *, run: str, method: str, seed: int,
-                   stage: int) -> None:
-    """Append rows to a ``results.jsonl`` with the run, method, seed and stage keys."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({"run": run, "method": method, "seed": seed, "stage": stage, "task": r["task"],
-                                "metric": r["metric"], "value": r["value"]}) + "\n")
-
-
 def eval_command(
     model: str,
     adapter: Path | None = None,
@@ -216,6 +205,7 @@ def eval_command(
 
     from gradsift.eval.runner import EvalConfig, evaluate, write_eval_meta
     from gradsift.models import load_model, load_tokenizer, resolve_model_path
+    from gradsift.store import RunDir
 
     section, run_tasks, base = build_eval_section(
         config, safety=safety, over_refusal=over_refusal, judges=judges, attacks=attacks, limit=limit,
@@ -243,12 +233,13 @@ def eval_command(
         except OSError as exc:
             raise FileNotFoundError(f"{model}: cannot load the model ({_first_line(exc)})") from None
         lm.eval()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_eval_meta(out, cfg)
-    rows = evaluate(lm, tok, cfg, tasks=loaded_tasks, out_dir=out, stage=stage)
-    append_results(out / "results.jsonl", rows, run=run, method=method, seed=seed, stage=stage)
-    print_rows(rows, title=f"{model}" + (f" + {adapter}" if adapter else "") + f" -> {out / 'results.jsonl'}")
+    run_dir = RunDir(Path(out))
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    write_eval_meta(run_dir.path, cfg)
+    rows = evaluate(lm, tok, cfg, tasks=loaded_tasks, out_dir=run_dir.path, stage=stage)
+    run_dir.append_results([{k: r[k] for k in ("task", "metric", "value")} for r in rows],
+                           run=run, method=method, seed=seed, stage=stage)
+    print_rows(rows, title=f"{model}" + (f" + {adapter}" if adapter else "") + f" -> {run_dir.results_file}")
     return rows
 
 

@@ -49,6 +49,8 @@ from gradsift.eval.judges import (
     refusal_list_hash,
     safety_metrics,
 )
+from gradsift.store import EVAL_META_FILE as META_FILE
+from gradsift.store import GENERATIONS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ BUILTIN_HARMFUL = "builtin_harmful"
 BUILTIN_BENIGN = "builtin_benign"
 """The package's held-out benign and borderline requests (``benign_requests("eval")``)."""
 
-GENERATIONS_DIR = "generations"
-META_FILE = "eval_meta.json"
 _NOT_PERCENT = ("n", "sample_len")
 
 

@@ -1,6 +1,6 @@
 """The report of a run: the run store, tables, figures and one self-contained HTML page."""
 
-from gradsift.report.store import RunDirError, RunStore, load_run
+from gradsift.store import RunDirError, RunStore, load_run
 from gradsift.report.tables import asr_per_stage, paper_table, run_metrics, summary_markdown
 
 __all__ = [

@@ -25,7 +25,7 @@ def register(app: typer.Typer, fail: Callable[[BaseException], None],
         from rich.console import Console
 
         from gradsift.report.html import build_report
-        from gradsift.report.store import load_run
+        from gradsift.store import load_run
         from gradsift.report.tables import summary_markdown
 
         try:

@@ -26,7 +26,7 @@ from typing import Any
 
 from gradsift.report.plots import Plot, all_plots
 from gradsift.report.sections import render_sections
-from gradsift.report.store import CONFIG_FILE, RunStore, load_run
+from gradsift.store import CONFIG_FILE, ENVIRONMENT_FILE, RunStore, load_run
 from gradsift.report.tables import (
     MISSING,
     asr_per_stage,
@@ -47,7 +47,6 @@ from gradsift.report.tables import (
 
 __all__ = ["build_report", "machine_info", "render_report"]
 
-ENVIRONMENT_FILE = "environment.json"
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1180px;

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from gradsift.report.store import RunStore  # noqa: E402
+from gradsift.store import RunStore  # noqa: E402
 from gradsift.report.tables import judges_measured, metric_per_stage, primary_safety_set, stage_intervals  # noqa: E402
 
 __all__ = [

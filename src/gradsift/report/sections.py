@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gradsift.report.store import RunStore
+from gradsift.store import RunStore
 
 Section = Callable[[RunStore], str]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradsift.report.store import RunStore
+from gradsift.store import RunStore
 
 __all__ = [
     "JUDGE_PREFERENCE",
@@ -344,7 +344,7 @@ def paired_test(store: RunStore, method: str, reference: str | None, task: str, 
     no prompt outcome (no generations, or no seed in common).
     """
     from gradsift.analysis.stats import compare
-    from gradsift.report.store import outcome_kind
+    from gradsift.store import outcome_kind
 
     if reference is None or method == reference:
         return None

@@ -2,19 +2,9 @@
 
 Stage numbering: stage 0 is the aligned model before any training (evaluated
 only); stage k (1..K) is the model after training on ``tasks[k-1]``, starting
-from stage k-1's weights. Layout of ``output_dir``::
-
-    config.resolved.yaml
-    results.jsonl                      one measurement a line: run, method, seed, stage, task, metric, value
-    <method>-seed<seed>/               one run per method and seed
-        base_model/                    (models built from a config dict only) the initial weights
-        stage_0/DONE                   the aligned model was evaluated
-        stage_k/adapter/               LoRA adapter of stage k (safetensors)
-        stage_k/model/                 full weights (full fine-tuning only)
-        stage_k/log.jsonl              the Trainer's per-step log (loss, lr, kept fraction, mean G ...)
-        stage_k/selection.parquet      every scored sample: step, row, G, L, scored, kept, response_len
-        stage_k/ewc.safetensors        (ewc) Fisher diagonal and anchor parameters
-        stage_k/DONE                   written last: the stage is complete
+from stage k-1's weights. The layout of ``output_dir`` is :class:`gradsift.store.RunDir`'s
+(``results.jsonl``, one ``<method>-seed<seed>/stage_<k>/`` folder per stage, each
+completed stage marked ``DONE``).
 
 With LoRA, ``adapter_between_stages: merge`` (default) merges stage k's adapter
 into the weights and starts a fresh adapter for stage k+1 (a resumed run merges
@@ -31,7 +21,6 @@ the main process alone writes files and evaluates, while the others wait.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -41,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from gradsift.runtime import process_state
+from gradsift.store import RunDir, RunPath, StageDir, run_name
 from gradsift.train.baselines import EWCState, KLReference, estimate_fisher, trainable_parameters
 from gradsift.train.config import (
     ConfigError,
@@ -59,40 +49,6 @@ from gradsift.train.config import (
 from gradsift.train.trainer import GradsiftTrainer, JsonlLogCallback
 
 EvalHook = Callable[..., list[dict[str, Any]]]
-RESULT_KEYS = ("run", "method", "seed", "stage", "task", "metric", "value")
-
-
-class Ranks:
-    """This process's place in a multi-process launch (one process: rank 0 of 1).
-
-    Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) the process group
-    is set up here, before the first stage, so that the file writes of the main
-    process can be fenced with barriers.
-    """
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            from accelerate import PartialState
-
-            PartialState(cpu=not torch.cuda.is_available())
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.barrier()
-
-    @property
-    def device(self) -> torch.device:
-        """This process's accelerator (where evaluation runs), or the CPU."""
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- models
@@ -161,9 +117,9 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _adapter_dir(stage_dir: Path) -> Path:
+def _adapter_dir(stage_dir: StageDir) -> Path:
     """The folder holding ``adapter_config.json`` (PEFT nests non-default adapters)."""
-    root = stage_dir / "adapter"
+    root = stage_dir.adapter
     if (root / "adapter_config.json").exists():
         return root
     found = sorted(root.glob("*/adapter_config.json"))
@@ -193,23 +149,24 @@ def load_stage_state(cfg: RunConfig, method: MethodSettings, run_dir: Path, toke
     from gradsift.models import resolve_dtype
 
     ms = cfg.model
-    cache = run_dir / "base_model" if ms.config is not None else None
+    run = RunPath(Path(run_dir))
+    cache = run.base_model if ms.config is not None else None
     if ms.lora is None:
         if upto >= 1:
-            return AutoModelForCausalLM.from_pretrained(run_dir / f"stage_{upto}" / "model", dtype=resolve_dtype(ms.dtype))
+            return AutoModelForCausalLM.from_pretrained(run.stage(upto).model, dtype=resolve_dtype(ms.dtype))
         return build_base_model(ms, tokenizer, cache)
     model = build_base_model(ms, tokenizer, cache)
     if upto < 1:
         return model
     if method.name == "olora":
-        model = PeftModel.from_pretrained(model, _adapter_dir(run_dir / "stage_1"), adapter_name=olora_name(1))
+        model = PeftModel.from_pretrained(model, _adapter_dir(run.stage(1)), adapter_name=olora_name(1))
         for j in range(2, upto + 1):
-            model.load_adapter(_adapter_dir(run_dir / f"stage_{j}"), adapter_name=olora_name(j))
+            model.load_adapter(_adapter_dir(run.stage(j)), adapter_name=olora_name(j))
         return model
     if ms.adapter_between_stages == "continue":
-        return PeftModel.from_pretrained(model, _adapter_dir(run_dir / f"stage_{upto}"), is_trainable=True)
+        return PeftModel.from_pretrained(model, _adapter_dir(run.stage(upto)), is_trainable=True)
     for j in range(1, upto + 1):
-        model = PeftModel.from_pretrained(model, _adapter_dir(run_dir / f"stage_{j}")).merge_and_unload()
+        model = PeftModel.from_pretrained(model, _adapter_dir(run.stage(j))).merge_and_unload()
     return model
 
 
@@ -235,70 +192,38 @@ def prepare_for_stage(cfg: RunConfig, method: MethodSettings, model: nn.Module, 
     return get_peft_model(model, lora_config(ms)), []
 
 
-def save_stage_weights(cfg: RunConfig, method: MethodSettings, model: nn.Module, stage_dir: Path, stage: int,
+def save_stage_weights(cfg: RunConfig, method: MethodSettings, model: nn.Module, stage_dir: StageDir, stage: int,
                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The stage's adapter (or whole model, without LoRA); ``state_dict``: the full weights gathered
     from a sharded (FSDP / ZeRO-3) model, where the module's own parameters are only this rank's shard."""
     extra = {} if state_dict is None else {"state_dict": state_dict}
     if cfg.model.lora is None:
-        model.save_pretrained(stage_dir / "model", safe_serialization=True, **extra)
+        model.save_pretrained(stage_dir.model, safe_serialization=True, **extra)
         return
     selected = [olora_name(stage)] if method.name == "olora" else None
-    model.save_pretrained(stage_dir / "adapter", safe_serialization=True, selected_adapters=selected, **extra)
+    model.save_pretrained(stage_dir.adapter, safe_serialization=True, selected_adapters=selected, **extra)
 
 
 # --------------------------------------------------------------------------- results
 
 
-def _stage0_from_sibling(out: Path, run: str, run_dir: Path) -> list[dict[str, Any]] | None:
+def _stage0_from_sibling(out: RunDir, run: str) -> list[dict[str, Any]] | None:
     """Stage-0 rows (and generations) of another run of this output directory, if one has them.
 
     Stage 0 is the aligned model before any training, identical for every method
     and seed of a config, so its evaluation is shared instead of repeated.
     """
-    results = out / "results.jsonl"
-    if not results.exists():
-        return None
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = out.result_rows()
     done_runs = [r["run"] for r in rows if r.get("stage") == 0 and r.get("run") != run
-                 and (out / r["run"] / "stage_0" / "DONE").exists()]
+                 and out.stage(r["run"], 0).done]
     if not done_runs:
         return None
     src = done_runs[0]
-    gens = out / src / "stage_0" / "generations"
+    gens = out.stage(src, 0).generations
     if gens.exists():
-        shutil.copytree(gens, run_dir / "stage_0" / "generations", dirs_exist_ok=True)
+        shutil.copytree(gens, out.stage(run, 0).generations, dirs_exist_ok=True)
     return [{k: v for k, v in r.items() if k in ("task", "metric", "value")}
             for r in rows if r.get("run") == src and r.get("stage") == 0]
-
-
-def append_results(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def drop_results(path: Path, run: str, from_stage: int) -> None:
-    """Remove the rows of ``run`` with stage >= ``from_stage`` (left by an interrupted stage)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("run") == run and int(row.get("stage", -1)) >= from_stage:
-            continue
-        kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
-
-
-def last_done_stage(run_dir: Path) -> int:
-    """The highest stage with a DONE marker (-1 if none)."""
-    done = [int(p.parent.name.split("_", 1)[1]) for p in run_dir.glob("stage_*/DONE")]
-    return max(done, default=-1)
 
 
 def _selection_summary(table) -> dict[str, float]:
@@ -326,18 +251,18 @@ def _selection_summary(table) -> dict[str, float]:
 # --------------------------------------------------------------------------- the loop
 
 
-def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: Path, seed: int):
+def training_arguments(cfg: RunConfig, method: MethodSettings, stage_dir: StageDir, seed: int):
     from transformers import TrainingArguments
 
     o = cfg.optim
-    micro, accum = o.per_process(int(os.environ.get("WORLD_SIZE", "1")))  # optim.batch_size is per optimizer step
+    micro, accum = o.per_process(process_state().num_processes)  # optim.batch_size is per optimizer step
     if method.name == "clip":
         max_grad_norm = method.clip_norm
     else:
         max_grad_norm = o.max_grad_norm or 0.0
     report = "none" if cfg.report_to == "none" else [cfg.report_to]
     return TrainingArguments(
-        output_dir=str(stage_dir / "trainer"),
+        output_dir=str(stage_dir.trainer),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
         num_train_epochs=o.epochs,
@@ -371,6 +296,196 @@ def _stage_features(task: TaskSettings, tokenizer, seed: int):
     return loaded, features
 
 
+class _Run:
+    """One method and seed of a config through its stages: where it writes, what it records.
+
+    ``state`` is accelerate's :class:`~accelerate.PartialState`: every process trains, the
+    main process alone writes files and evaluates, the others wait at the barriers.
+    """
+
+    def __init__(self, cfg: RunConfig, method: MethodSettings, seed: int, out: RunDir, tokenizer,
+                 eval_hook: EvalHook | None, state) -> None:
+        self.cfg, self.method, self.seed, self.out = cfg, method, seed, out
+        self.tokenizer, self.eval_hook, self.state = tokenizer, eval_hook, state
+        self.name = run_name(method.name, seed)
+        self.path = out.run(self.name)
+        self.info = {"run": self.name, "method": method.name, "seed": seed, "run_dir": str(self.path.path),
+                     "tasks": [t.model_dump() for t in cfg.tasks], "eval": cfg.eval}
+        self._kl_module: nn.Module | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.state.is_main_process
+
+    def collate(self):
+        from gradsift.data.formatting import collate
+
+        return partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+
+    # ----------------------------------------------------------------- files
+
+    def resume_point(self, resume: bool) -> int:
+        """The last completed stage (-1: none); the run folder made, rows of unfinished stages dropped."""
+        if self.main:
+            if not resume and self.path.path.exists():
+                shutil.rmtree(self.path.path)
+            self.path.path.mkdir(parents=True, exist_ok=True)
+        self.state.wait_for_everyone()
+        done = self.path.last_done_stage()
+        self.state.wait_for_everyone()  # every process has read the markers before any is written
+        if self.main:
+            self.out.drop_results(self.name, done + 1)
+        return done
+
+    def record(self, stage: int, rows: list[dict[str, Any]]) -> None:
+        """Append ``{"task", "metric", "value"}`` rows of ``stage`` to ``results.jsonl`` (main process)."""
+        if not self.main:
+            return
+        for row in rows:
+            missing = {"task", "metric", "value"} - set(row)
+            if missing:
+                raise ValueError(f"eval hook row {row} lacks {sorted(missing)}")
+        self.out.append_results(rows, run=self.name, method=self.method.name, seed=self.seed, stage=stage)
+
+    def evaluate(self, model: nn.Module, stage: int) -> None:
+        """The eval hook's rows for ``model`` after ``stage``, generated on this process's device."""
+        if self.eval_hook is None or not self.main:
+            return
+        was_training = model.training
+        home = next(model.parameters()).device
+        device = self.state.device
+        if home != device:  # a model loaded from disk sits on the CPU: generate on the accelerator
+            model.to(device)
+        model.eval()
+        try:
+            rows = self.eval_hook(model, self.tokenizer, stage, self.cfg.tasks[:stage], {**self.info, "stage": stage})
+        finally:
+            model.train(was_training)
+            if home != device:
+                model.to(home)
+        self.record(stage, list(rows or []))
+
+    # ----------------------------------------------------------------- stages
+
+    def load(self, upto: int) -> nn.Module:
+        """The model after stage ``upto``; the main process builds (and caches) it first."""
+        with self.state.main_process_first():
+            return load_stage_state(self.cfg, self.method, self.path.path, self.tokenizer, upto)
+
+    def stage_zero(self, model: nn.Module) -> None:
+        """Evaluate the aligned model once (or take a sibling run's stage 0) and mark stage 0 done."""
+        if self.main:
+            reused = _stage0_from_sibling(self.out, self.name) if self.eval_hook is not None else None
+            if reused is not None:  # every run starts from the same aligned model: measure it once
+                self.record(0, reused)
+            else:
+                self.evaluate(model, 0)
+            self.path.stage(0).mark_done()
+        self.state.wait_for_everyone()
+
+    def ewc_state(self, done: int) -> EWCState:
+        """EWC's penalty terms of the completed stages (empty for the other methods)."""
+        ewc = EWCState()
+        if self.method.name == "ewc":
+            for j in range(1, done + 1):
+                ewc.load_stage(self.path.stage(j).ewc)
+        return ewc
+
+    def kl_reference(self, stage: int) -> KLReference | None:
+        """The KL baseline's reference: the adapter switched off when the base is unchanged, else
+        the initial model (built once)."""
+        if self.method.name != "kl":
+            return None
+        ms = self.cfg.model
+        if ms.lora is not None and (stage == 1 or ms.adapter_between_stages == "continue"):
+            return KLReference(None)
+        if self._kl_module is None:
+            cache = self.path.base_model if ms.config is not None else None
+            self._kl_module = build_base_model(ms, self.tokenizer, cache)
+            if torch.cuda.is_available():
+                self._kl_module.to("cuda")
+        return KLReference(self._kl_module)
+
+    def trainer(self, model: nn.Module, stage: int, stage_dir: StageDir, task: TaskSettings, features,
+                frozen: list[str], ewc: EWCState) -> GradsiftTrainer:
+        method, seed = self.method, self.seed
+        trainer = GradsiftTrainer(
+            model=model,
+            args=training_arguments(self.cfg, method, stage_dir, seed),
+            train_dataset=features,
+            data_collator=self.collate(),
+            method=method,
+            loss_reduction=self.cfg.optim.loss_reduction,
+            selection_seed=seed * 1000 + stage,
+            stage_label=f"{self.name} stage {stage}/{len(self.cfg.tasks)} ({task.name})",
+            kl_reference=self.kl_reference(stage),
+            ewc_state=ewc,
+            olora_adapter=olora_name(stage) if method.name == "olora" else None,
+            olora_frozen=frozen,
+            callbacks=[JsonlLogCallback(stage_dir.log, {"stage": stage, "task": task.name})],
+        )
+        if trainer.shards_parameters and method.name == "ewc":
+            raise ConfigError("method: ewc needs the whole model on every process; it does not run under FSDP or "
+                              "DeepSpeed ZeRO-3 (use DDP: accelerate launch --multi_gpu)")
+        return trainer
+
+    def train_stage(self, model: nn.Module, stage: int, ewc: EWCState) -> nn.Module:
+        """Train stage ``stage`` from ``model``; save, record and evaluate it; return the model after it."""
+        from transformers import set_seed
+
+        cfg, method = self.cfg, self.method
+        task = cfg.tasks[stage - 1]
+        stage_dir = self.path.stage(stage)
+        if self.main:
+            stage_dir.fresh()  # empties what an interrupted attempt left
+        self.state.wait_for_everyone()
+        _, features = _stage_features(task, self.tokenizer, task_seed(task))
+        set_seed(self.seed * 1000 + stage)
+        model, frozen = prepare_for_stage(cfg, method, model, stage)
+        trainer = self.trainer(model, stage, stage_dir, task, features, frozen, ewc)
+        sharded = trainer.shards_parameters
+        start = time.time()
+        output = trainer.train()
+        runtime = time.time() - start
+        model = trainer.model
+        # sharded training: each process holds a shard of the weights; gather them (every process takes part)
+        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+
+        summary = _train_summary(cfg, output, runtime, len(features), self.state.num_processes, sharded)
+        if self.main:
+            save_stage_weights(cfg, method, model, stage_dir, stage, state_dict=full_state)
+            if method.name in SELECTION_METHODS:  # the records of the global batches live on the main process
+                table = trainer.selection_table()
+                table.to_parquet(stage_dir.selection, index=False)
+                summary.update(_selection_summary(table))
+        if method.name == "ewc":  # every process keeps the penalty's state
+            fisher = estimate_fisher(model, features, self.collate(), n_samples=method.ewc_samples)
+            anchor = {n: p.detach() for n, p in trainable_parameters(model).items()}
+            ewc.add(fisher, anchor)
+            if self.main:
+                ewc.save(stage_dir.ewc, len(ewc.stages) - 1)
+        self.record(stage, [{"task": task.name, "metric": k, "value": v} for k, v in summary.items()])
+        del trainer, full_state
+        if sharded:  # continue (and evaluate) from the saved stage: whole weights, as a resumed run would
+            self.state.wait_for_everyone()
+            model = load_stage_state(cfg, method, self.path.path, self.tokenizer, stage)
+        self.evaluate(model, stage)
+        if self.main:
+            stage_dir.mark_done()
+        self.state.wait_for_everyone()
+        return model
+
+
+def _train_summary(cfg: RunConfig, output, runtime: float, n_samples: int, processes: int,
+                   sharded: bool) -> dict[str, float]:
+    """The ``train/*`` rows of one stage: loss, time, steps, and the settings every method shares."""
+    return {"train/loss": float(output.training_loss), "train/runtime_s": runtime,
+            "train/steps": float(output.global_step), "train/samples": float(n_samples),
+            "train/processes": float(processes), "train/sharded": float(sharded),
+            "train/dropout": float(cfg.model.lora.dropout if cfg.model.lora else 0.0),
+            "train/token_mean_loss": float(cfg.optim.loss_reduction == "token_mean")}
+
+
 def _run_one(
     cfg: RunConfig,
     method: MethodSettings,
@@ -379,163 +494,23 @@ def _run_one(
     tokenizer,
     eval_hook: EvalHook | None,
     resume: bool,
-    ranks: Ranks | None = None,
+    state=None,
 ) -> None:
+    """One method and seed through every stage of ``cfg``, resuming after its last completed stage."""
     from transformers import set_seed
 
-    from gradsift.data.formatting import collate
-
-    ranks = ranks or Ranks()
-    run = f"{method.name}-seed{seed}"
-    run_dir = out / run
-    results = out / "results.jsonl"
-    if ranks.main:
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ranks.barrier()
-    done = last_done_stage(run_dir)
-    ranks.barrier()  # every process has read the markers before any is written
-    if ranks.main:
-        drop_results(results, run, done + 1)
-    n_stages = len(cfg.tasks)
-    if done >= n_stages:
+    run = _Run(cfg, method, seed, RunDir(out), tokenizer, eval_hook, state or process_state())
+    done = run.resume_point(resume)
+    if done >= len(cfg.tasks):
         return
-    info = {"run": run, "method": method.name, "seed": seed, "run_dir": str(run_dir),
-            "tasks": [t.model_dump() for t in cfg.tasks], "eval": cfg.eval}
-
-    def record(stage: int, rows: list[dict[str, Any]]) -> None:
-        if not ranks.main:
-            return
-        out_rows = []
-        for row in rows:
-            missing = {"task", "metric", "value"} - set(row)
-            if missing:
-                raise ValueError(f"eval hook row {row} lacks {sorted(missing)}")
-            out_rows.append({"run": run, "method": method.name, "seed": seed, "stage": stage,
-                             **{k: v for k, v in row.items() if k not in ("run", "method", "seed", "stage")}})
-        append_results(results, out_rows)
-
-    def evaluate(model: nn.Module, stage: int) -> None:
-        if eval_hook is None or not ranks.main:
-            return
-        was_training = model.training
-        home = next(model.parameters()).device
-        if home != ranks.device:  # a model loaded from disk sits on the CPU: generate on the accelerator
-            model.to(ranks.device)
-        model.eval()
-        try:
-            rows = eval_hook(model, tokenizer, stage, cfg.tasks[:stage], {**info, "stage": stage})
-        finally:
-            model.train(was_training)
-            if home != ranks.device:
-                model.to(home)
-        record(stage, list(rows or []))
-
     set_seed(seed)
-    if not ranks.main:
-        ranks.barrier()  # the main process builds (and caches) the model first
-    model = load_stage_state(cfg, method, run_dir, tokenizer, max(done, 0))
-    if ranks.main:
-        ranks.barrier()
+    model = run.load(max(done, 0))
     if done < 0:
-        if ranks.main:
-            reused = _stage0_from_sibling(out, run, run_dir) if eval_hook is not None else None
-            if reused is not None:  # every run starts from the same aligned model: measure it once
-                record(0, reused)
-            else:
-                evaluate(model, 0)
-            (run_dir / "stage_0").mkdir(exist_ok=True)
-            (run_dir / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-        ranks.barrier()
+        run.stage_zero(model)
         done = 0
-
-    ewc = EWCState()
-    if method.name == "ewc":
-        for j in range(1, done + 1):
-            ewc.load_stage(run_dir / f"stage_{j}" / "ewc.safetensors")
-    kl_ref_module = None
-
-    for stage in range(done + 1, n_stages + 1):
-        task = cfg.tasks[stage - 1]
-        stage_dir = run_dir / f"stage_{stage}"
-        if ranks.main:
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)  # left by an interrupted attempt
-            stage_dir.mkdir(parents=True)
-        ranks.barrier()
-        loaded, features = _stage_features(task, tokenizer, task_seed(task))
-        set_seed(seed * 1000 + stage)
-        model, frozen = prepare_for_stage(cfg, method, model, stage)
-
-        kl_reference = None
-        if method.name == "kl":
-            base_unchanged = cfg.model.lora is not None and (stage == 1 or cfg.model.adapter_between_stages == "continue")
-            if base_unchanged:
-                kl_reference = KLReference(None)
-            else:
-                if kl_ref_module is None:
-                    cache = run_dir / "base_model" if cfg.model.config is not None else None
-                    kl_ref_module = build_base_model(cfg.model, tokenizer, cache)
-                    if torch.cuda.is_available():
-                        kl_ref_module.to("cuda")
-                kl_reference = KLReference(kl_ref_module)
-
-        label = f"{run} stage {stage}/{n_stages} ({task.name})"
-        trainer = GradsiftTrainer(
-            model=model,
-            args=training_arguments(cfg, method, stage_dir, seed),
-            train_dataset=features,
-            data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-            method=method,
-            loss_reduction=cfg.optim.loss_reduction,
-            selection_seed=seed * 1000 + stage,
-            stage_label=label,
-            kl_reference=kl_reference,
-            ewc_state=ewc,
-            olora_adapter=olora_name(stage) if method.name == "olora" else None,
-            olora_frozen=frozen,
-            callbacks=[JsonlLogCallback(stage_dir / "log.jsonl", {"stage": stage, "task": task.name})],
-        )
-        sharded = trainer.shards_parameters
-        if sharded and method.name == "ewc":
-            raise ConfigError("method: ewc needs the whole model on every process; it does not run under FSDP or "
-                              "DeepSpeed ZeRO-3 (use DDP: accelerate launch --multi_gpu)")
-        start = time.time()
-        output = trainer.train()
-        runtime = time.time() - start
-        model = trainer.model
-        # sharded training: each process holds a shard of the weights; gather them (every process takes part)
-        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
-
-        summary: dict[str, float] = {"train/loss": float(output.training_loss), "train/runtime_s": runtime,
-                                     "train/steps": float(output.global_step), "train/samples": float(len(features)),
-                                     "train/processes": float(ranks.world), "train/sharded": float(sharded),
-                                     "train/dropout": float(cfg.model.lora.dropout if cfg.model.lora else 0.0),
-                                     "train/token_mean_loss": float(cfg.optim.loss_reduction == "token_mean")}
-        if ranks.main:
-            save_stage_weights(cfg, method, model, stage_dir, stage, state_dict=full_state)
-            if method.name in SELECTION_METHODS:  # the records of the global batches live on the main process
-                table = trainer.selection_table()
-                table.to_parquet(stage_dir / "selection.parquet", index=False)
-                summary.update(_selection_summary(table))
-        if method.name == "ewc":  # every process keeps the penalty's state
-            fisher = estimate_fisher(model, features, partial(collate, pad_token_id=tokenizer.pad_token_id),
-                                     n_samples=method.ewc_samples)
-            anchor = {n: p.detach() for n, p in trainable_parameters(model).items()}
-            ewc.add(fisher, anchor)
-            if ranks.main:
-                ewc.save(stage_dir / "ewc.safetensors", len(ewc.stages) - 1)
-        record(stage, [{"task": task.name, "metric": k, "value": v} for k, v in summary.items()])
-        if sharded:  # continue (and evaluate) from the saved stage: whole weights, as a resumed run would
-            trainer = full_state = None
-            ranks.barrier()
-            model = load_stage_state(cfg, method, run_dir, tokenizer, stage)
-        evaluate(model, stage)
-        if ranks.main:
-            (stage_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-        ranks.barrier()
-        trainer = None
+    ewc = run.ewc_state(done)
+    for stage in range(done + 1, len(cfg.tasks) + 1):
+        model = run.train_stage(model, stage, ewc)
 
 
 def task_seed(task: TaskSettings) -> int:
@@ -556,20 +531,21 @@ def run_training(
     """
     cfg = load_config(config) if not isinstance(config, RunConfig) else config
     out = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser().resolve()
-    ranks = Ranks()
-    if ranks.main:
+    state = process_state()
+    run_dir = RunDir(out)
+    if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.resolved.yaml").write_text(dump_config(cfg))
-        _write_environment(out)
+        run_dir.config_file.write_text(dump_config(cfg))
+        _write_environment(run_dir)
     tokenizer = build_tokenizer(cfg.model)
     for method in cfg.methods:
         run_cfg = cfg.for_method(method)
         for seed in cfg.seeds:
-            _run_one(run_cfg, run_cfg.methods[0], seed, out, tokenizer, eval_hook, resume, ranks)
+            _run_one(run_cfg, run_cfg.methods[0], seed, out, tokenizer, eval_hook, resume, state)
     return out
 
 
-def _write_environment(out: Path) -> None:
+def _write_environment(out: RunDir) -> None:
     """The machine the run ran on (the report names it)."""
     import json
     import platform
@@ -584,7 +560,7 @@ def _write_environment(out: Path) -> None:
         env["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    (out / "environment.json").write_text(json.dumps(env, indent=2))
+    out.environment_file.write_text(json.dumps(env, indent=2))
 
 
 def make_eval_hook(eval_config: dict[str, Any], base: Path | None = None) -> EvalHook | None:
@@ -609,18 +585,15 @@ def train_command(config: Path, output: Path | None = None, overrides: list[str]
     if cfg.eval and hook is None:
         console.print("[yellow]eval section given but no evaluation hook is available; training only[/yellow]")
     out = run_training(cfg, output_dir=output, eval_hook=hook)
-    if Ranks().main:
-        console.print(f"[green]done[/green]: {out / 'results.jsonl'}")
+    if process_state().is_main_process:
+        console.print(f"[green]done[/green]: {RunDir(out).results_file}")
     return out
 
 
 __all__ = [
     "ConfigError",
-    "RESULT_KEYS",
-    "Ranks",
     "build_base_model",
     "build_tokenizer",
-    "last_done_stage",
     "load_stage_state",
     "make_eval_hook",
     "run_training",

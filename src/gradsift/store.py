@@ -1,17 +1,31 @@
-"""The run store: everything a run directory holds, read once, as pandas tables.
+"""The run directory: its layout (:class:`RunDir`), written and read here only.
 
-A run directory is what ``gradsift train`` writes (see :mod:`gradsift.train.stages`)::
+What ``gradsift train`` / ``gradsift run`` write (:mod:`gradsift.train.stages`) and
+``gradsift eval`` / ``gradsift report`` / the studies read::
 
-    config.resolved.yaml
-    results.jsonl                   run, method, seed, stage, task, metric, value
-    <method>-seed<seed>/stage_<k>/selection.parquet, log.jsonl
-    <method>-seed<seed>/stage_<k>/generations/*.jsonl   per-prompt generations and verdicts
+    config.resolved.yaml               the resolved run config
+    environment.json                   the machine the run ran on
+    eval_meta.json                     refusal-list hash, judges, evaluation settings
+    results.jsonl                      one measurement a line: run, method, seed, stage, task, metric, value
+    <method>-seed<seed>/               one run per method and seed (:class:`RunPath`)
+        base_model/                    (models built from a config dict only) the initial weights
+        stage_<k>/                     one stage (:class:`StageDir`): stage 0 is the aligned model
+            adapter/                   LoRA adapter of stage k (safetensors)
+            model/                     full weights (full fine-tuning only)
+            log.jsonl                  the Trainer's per-step log (loss, lr, kept fraction, mean G ...)
+            selection.parquet          every scored sample: step, row, G, L, scored, kept, response_len
+            ewc.safetensors            (ewc) Fisher diagonal and anchor parameters
+            generations/*.jsonl        per-prompt generations and verdicts
+            DONE                       written last: the stage is complete
+    analysis/<study>/                  what a study writes about this run directory
 
-``load_run(path)`` reads the config and the results; the per-stage selection
-tables, training logs and saved generations are read on first use and cached.
-:meth:`RunStore.prompt_outcomes` turns the saved generations into the per-prompt
-outcome behind one ``results.jsonl`` measurement (the unit of the report's
-confidence intervals and paired tests).
+``gradsift eval --out DIR`` writes the same top-level files and ``generations/`` at the top.
+
+:func:`load_run` reads the config and the results into a :class:`RunStore`; the per-stage
+selection tables, training logs and saved generations are read on first use and cached.
+:meth:`RunStore.prompt_outcomes` turns the saved generations into the per-prompt outcome
+behind one ``results.jsonl`` measurement (the unit of the report's confidence intervals
+and paired tests).
 """
 
 from __future__ import annotations
@@ -19,6 +33,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,47 +44,244 @@ import numpy as np
 import pandas as pd
 import yaml
 
-__all__ = ["RESULT_COLUMNS", "RunDirError", "RunStore", "load_run", "outcome_kind"]
+__all__ = ["RESULT_COLUMNS", "RunDir", "RunDirError", "RunPath", "RunStore", "StageDir", "load_run",
+           "outcome_kind", "parse_run_name", "run_name"]
 
 RESULT_COLUMNS = ("run", "method", "seed", "stage", "task", "metric", "value")
 CONFIG_FILE = "config.resolved.yaml"
 RESULTS_FILE = "results.jsonl"
+ENVIRONMENT_FILE = "environment.json"
+EVAL_META_FILE = "eval_meta.json"
 GENERATIONS_DIR = "generations"
+ANALYSIS_DIR = "analysis"
+DONE_FILE = "DONE"
 _RUN_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)$")
+_STAGE_NAME = re.compile(r"^stage_(?P<stage>\d+)$")
 
 
 class RunDirError(ValueError):
     """The folder is not a readable gradsift run directory (the message says why)."""
 
 
+def run_name(method: str, seed: int) -> str:
+    """The folder (and ``run`` column) of one method and seed: ``<method>-seed<seed>``."""
+    return f"{method}-seed{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    """``(method, seed)`` of a run name, None when ``name`` is not one."""
+    m = _RUN_NAME.match(name)
+    return (m.group("method"), int(m.group("seed"))) if m else None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """``<run>/stage_<k>/``: what one stage wrote."""
+
+    path: Path
+    stage: int
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def trainer(self) -> Path:
+        """The Trainer's own output folder (checkpoints, when enabled)."""
+        return self.path / "trainer"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def selection(self) -> Path:
+        return self.path / "selection.parquet"
+
+    @property
+    def ewc(self) -> Path:
+        return self.path / "ewc.safetensors"
+
+    @property
+    def generations(self) -> Path:
+        return self.path / GENERATIONS_DIR
+
+    @property
+    def done(self) -> bool:
+        """The stage completed (its DONE marker is written last)."""
+        return (self.path / DONE_FILE).exists()
+
+    def mark_done(self, note: str | None = None) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / DONE_FILE).write_text((note or _now()) + "\n")
+
+    def fresh(self) -> StageDir:
+        """Empty the folder (left by an interrupted attempt) and create it."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        return self
+
+
+@dataclass(frozen=True)
+class RunPath:
+    """``<method>-seed<seed>/``: the stages of one run."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def base_model(self) -> Path:
+        """The initial weights of a model built from a config dict (saved once, reused by every stage)."""
+        return self.path / "base_model"
+
+    def stage(self, stage: int) -> StageDir:
+        return StageDir(self.path / f"stage_{stage}", stage)
+
+    def stages(self) -> list[StageDir]:
+        """The stage folders present, in stage order."""
+        found = [(int(m.group("stage")), p) for p in self.path.glob("stage_*")
+                 if p.is_dir() and (m := _STAGE_NAME.match(p.name))]
+        return [StageDir(p, k) for k, p in sorted(found)]
+
+    def last_done_stage(self) -> int:
+        """The highest stage with a DONE marker (-1 if none)."""
+        return max((s.stage for s in self.stages() if s.done), default=-1)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of one run directory (see the module docstring): paths, and the results file.
+
+    Writers (the stage loop, ``gradsift eval``) and readers (:func:`load_run`, the studies)
+    name every file through it.
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / ENVIRONMENT_FILE
+
+    @property
+    def eval_meta_file(self) -> Path:
+        return self.path / EVAL_META_FILE
+
+    @property
+    def generations(self) -> Path:
+        """``generations/`` at the top (``gradsift eval --out``)."""
+        return self.path / GENERATIONS_DIR
+
+    def run(self, name: str) -> RunPath:
+        return RunPath(self.path / name)
+
+    def run_of(self, method: str, seed: int) -> RunPath:
+        return self.run(run_name(method, seed))
+
+    def stage(self, run: str, stage: int) -> StageDir:
+        return self.run(run).stage(stage)
+
+    def run_names(self) -> list[str]:
+        """The ``<method>-seed<seed>`` folders that hold at least one stage."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.is_dir() and _RUN_NAME.match(p.name) and any(p.glob("stage_*")))
+
+    def analysis(self, study: str) -> Path:
+        """``analysis/<study>/``: the folder a study writes into (created)."""
+        folder = self.path / ANALYSIS_DIR / study
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # ----------------------------------------------------------------- results.jsonl
+
+    def append_results(self, rows: Iterable[Mapping[str, Any]], **keys: Any) -> None:
+        """Append measurements to ``results.jsonl``; ``keys`` (run, method, seed, stage) fill every row.
+
+        Raises:
+            ValueError: a row lacks one of :data:`RESULT_COLUMNS`.
+        """
+        lines = []
+        for row in rows:
+            full = {**keys, **{k: v for k, v in row.items() if k not in keys}}
+            missing = [k for k in RESULT_COLUMNS if k not in full]
+            if missing:
+                raise ValueError(f"result row {dict(row)} lacks {missing}")
+            lines.append(json.dumps({k: full[k] for k in RESULT_COLUMNS}
+                                    | {k: v for k, v in full.items() if k not in RESULT_COLUMNS}) + "\n")
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.results_file.open("a", encoding="utf-8") as fh:
+            fh.writelines(lines)
+
+    def result_rows(self) -> list[dict[str, Any]]:
+        """The raw rows of ``results.jsonl`` (``[]`` when absent)."""
+        from gradsift.data.records import iter_jsonl
+
+        if not self.results_file.exists():
+            return []
+        return [row for _, row in iter_jsonl(self.results_file, error=RunDirError)]
+
+    def drop_results(self, run: str, from_stage: int) -> None:
+        """Remove the rows of ``run`` with stage >= ``from_stage`` (left by an interrupted stage)."""
+        if not self.results_file.exists():
+            return
+        kept = [row for row in self.result_rows()
+                if not (row.get("run") == run and int(row.get("stage", -1)) >= from_stage)]
+        tmp = self.results_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(self.results_file)
+
+
+# --------------------------------------------------------------------------- reading
+
+
 def _read_results(path: Path) -> pd.DataFrame:
     """``results.jsonl`` as a DataFrame; a bad line raises naming the file, row and field."""
+    from gradsift.data.records import iter_jsonl
+
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunDirError(f"{path}: row {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise RunDirError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in RESULT_COLUMNS:
-                if key not in row:
-                    raise RunDirError(f"{path}: row {lineno}: missing field {key!r}")
-            try:
-                stage = int(row["stage"])
-                seed = int(row["seed"])
-            except (TypeError, ValueError):
-                raise RunDirError(f"{path}: row {lineno}: field 'stage' and 'seed' must be integers") from None
-            value = row["value"]
-            if value is None:
-                value = math.nan
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise RunDirError(f"{path}: row {lineno}: field 'value' must be a number, got {value!r}")
-            rows.append({"run": str(row["run"]), "method": str(row["method"]), "seed": seed, "stage": stage,
-                         "task": str(row["task"]), "metric": str(row["metric"]), "value": float(value)})
+    for lineno, row in iter_jsonl(path, error=RunDirError):
+        for key in RESULT_COLUMNS:
+            if key not in row:
+                raise RunDirError(f"{path}: row {lineno}: missing field {key!r}")
+        try:
+            stage = int(row["stage"])
+            seed = int(row["seed"])
+        except (TypeError, ValueError):
+            raise RunDirError(f"{path}: row {lineno}: field 'stage' and 'seed' must be integers") from None
+        value = row["value"]
+        if value is None:
+            value = math.nan
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RunDirError(f"{path}: row {lineno}: field 'value' must be a number, got {value!r}")
+        rows.append({"run": str(row["run"]), "method": str(row["method"]), "seed": seed, "stage": stage,
+                     "task": str(row["task"]), "metric": str(row["metric"]), "value": float(value)})
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     frame = frame.astype({"run": str, "method": str, "seed": "int64", "stage": "int64", "task": str,
                           "metric": str, "value": "float64"})
@@ -122,7 +336,7 @@ class RunStore:
         return list(range(self.n_stages + 1))
 
     def run_name(self, method: str, seed: int) -> str:
-        return f"{method}-seed{seed}"
+        return run_name(method, seed)
 
     def runs_of(self, method: str) -> list[str]:
         """The runs of one method, in seed order."""
@@ -187,14 +401,18 @@ class RunStore:
 
     # ----------------------------------------------------------------- per-stage files
 
+    @property
+    def layout(self) -> RunDir:
+        return RunDir(self.path)
+
     def stage_dir(self, run: str, stage: int) -> Path:
-        return self.path / run / f"stage_{stage}"
+        return self.layout.stage(run, stage).path
 
     def selection(self, run: str, stage: int) -> pd.DataFrame | None:
         """``selection.parquet`` of one stage (None when the method selects nothing)."""
         key = (run, stage)
         if key not in self._selection:
-            p = self.stage_dir(run, stage) / "selection.parquet"
+            p = self.layout.stage(run, stage).selection
             self._selection[key] = pd.read_parquet(p) if p.exists() else None
         return self._selection[key]
 
@@ -202,18 +420,12 @@ class RunStore:
         """The per-step training log of one stage: rows with a ``loss`` (summary rows dropped)."""
         key = (run, stage)
         if key not in self._logs:
-            p = self.stage_dir(run, stage) / "log.jsonl"
+            p = self.layout.stage(run, stage).log
             frame = None
             if p.exists():
-                records = []
-                for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise RunDirError(f"{p}: row {lineno}: not valid JSON ({exc.msg})") from None
-                frame = pd.DataFrame(records)
+                from gradsift.data.records import iter_jsonl
+
+                frame = pd.DataFrame([record for _, record in iter_jsonl(p, error=RunDirError)])
                 if "loss" in frame and "step" in frame:
                     frame = frame[frame["loss"].notna()].reset_index(drop=True)
                 else:
@@ -232,7 +444,7 @@ class RunStore:
             from gradsift.eval.generation import load_generations
 
             found: dict[str, list[dict[str, Any]]] = {}
-            folder = self.stage_dir(run, stage) / GENERATIONS_DIR
+            folder = self.layout.stage(run, stage).generations
             for f in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
                 try:
                     records = load_generations(f)
@@ -331,10 +543,11 @@ def load_run(run_dir: str | Path) -> RunStore:
     Raises :class:`RunDirError` when the folder does not exist or holds neither
     ``results.jsonl`` nor ``config.resolved.yaml``, or when either is malformed.
     """
-    path = Path(run_dir).expanduser()
+    layout = RunDir(run_dir)
+    path = layout.path
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
-    cfg_path, res_path = path / CONFIG_FILE, path / RESULTS_FILE
+    cfg_path, res_path = layout.config_file, layout.results_file
     if not cfg_path.exists() and not res_path.exists():
         raise RunDirError(
             f"{path} is not a gradsift run directory: it has neither {RESULTS_FILE} nor {CONFIG_FILE} "
@@ -367,8 +580,7 @@ def load_run(run_dir: str | Path) -> RunStore:
     seeds = [int(s) for s in seeds]
 
     runs_found = set(results["run"].unique().tolist())
-    runs_found |= {p.name for p in path.iterdir() if p.is_dir() and _RUN_NAME.match(p.name)
-                   and any(p.glob("stage_*"))}
+    runs_found |= set(layout.run_names())
 
     def order(run: str) -> tuple[int, int, str]:
         m = _RUN_NAME.match(run)
