@@ -123,6 +123,46 @@ def test_bad_input_messages(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "missing.csv" in res.output
 
 
+def test_self_check_stops_before_any_row_is_written(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A rule off by 5% (a stand-in for a layer no test foresaw) is caught on the first batch."""
+    from gradsift.norms.rules import NormRule
+
+    real = NormRule.sq_norms
+    monkeypatch.setattr(NormRule, "sq_norms", lambda self, *a: real(self, *a) * 1.05)
+    out = tmp_path / "scores.parquet"
+    args = ["score", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--prompt-field",
+            "question", "--response-field", "answer", "-b", "4", "--max-length", "64"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "self-check failed" in res.output and "NormRule" in res.output and "LlamaRMSNorm" in res.output
+    assert "relative error 5.0e-02" in res.output and "Traceback" not in res.output
+    assert not out.exists() and not out.with_name(out.name + ".chunks").exists()
+    res = runner.invoke(app, args + ["--no-verify"])  # skipped on request: the (wrong) table is written
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_parquet(out)) == 11
+
+
+def test_empty_data_and_unknown_model_are_one_line_errors(tiny_model_dir, data_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o.parquet"
+    res = runner.invoke(app, ["score", "--model", str(tiny_model_dir), "--data", str(empty), "--out", str(out)])
+    assert res.exit_code == 2 and "empty.jsonl" in res.output and "no records" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+    with pytest.raises(ValueError, match="no records"):  # the library refuses it as well
+        model, tok = _load(tiny_model_dir)
+        score_dataset(model, tok, empty, None, ScoreOptions(), progress=False)
+    common = ["--data", str(data_file), "--prompt-field", "question", "--response-field", "answer", "--out", str(out)]
+    res = runner.invoke(app, ["score", "--model", str(tmp_path / "no-such-model"), *common])
+    assert res.exit_code == 2 and "no-such-model: no such model directory" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["score", "--model", str(tmp_path), *common])  # a directory, but no model in it
+    assert res.exit_code == 2 and "not a model directory" in res.output
+    res = runner.invoke(app, ["score", "--model", "no-such-org/no-such-model", *common])  # offline, not cached
+    assert res.exit_code == 2 and "no-such-org/no-such-model: not a local model directory" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_select_offline_writes_the_kept_rows(tmp_path, data_file):
     rows = [json.loads(line) for line in open(data_file)]
     G = [5.0, 1.0, 3.0, 2.9, 10.0, 3.1, 0.5, 4.0, 2.0, 3.05, 7.0]  # median 3.05

@@ -67,11 +67,11 @@ def score(
     try:
         from gradsift.models import load_model, load_tokenizer
         from gradsift.norms.scorer import ScoreOptions, score_dataset
-        from gradsift.data.records import read_records
+        from gradsift.data.records import RecordError, read_records
 
         if not read_records(data, prompt_field=prompt_field, response_field=response_field,
                             messages_field=messages_field, system_field=system_field, limit=1):  # fail fast
-            raise ValueError(f"{data}: no records to score (the data is empty)")
+            raise RecordError(data, "no records to score (the data is empty)")
         dev = _device(device)
         tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
         m = load_model(model, dtype=dtype, device=dev, trust_remote_code=trust_remote_code, adapter=adapter)

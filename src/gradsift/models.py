@@ -179,10 +179,31 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return name
 
 
+def _source(name: str | os.PathLike, needs: tuple[str, ...]) -> str:
+    """``resolve_model_path(name)``, refusing in one line a local path that is not a model directory."""
+    path = resolve_model_path(name)
+    p = Path(path).expanduser()
+    local = p.exists() or p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1
+    if local and not p.is_dir():
+        raise FileNotFoundError(f"{name}: no such model directory (give a local directory, a hub id or 'embedded')")
+    if local and not any((p / f).exists() for f in needs):
+        raise FileNotFoundError(f"{name}: not a model directory (none of {', '.join(needs)} in it)")
+    return str(p) if local else path
+
+
+def _hub_error(name, exc: OSError) -> FileNotFoundError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FileNotFoundError(f"{name}: not a local model directory, and the hub could not provide it: {first}")
+
+
 def load_tokenizer(name: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    source = _source(name, ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(name, exc) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -198,12 +219,16 @@ def load_model(
     """Load a causal LM (local path, hub id or ``embedded``), optionally with a PEFT adapter."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name),
-        dtype=resolve_dtype(dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None,
-    )
+    source = _source(name, ("config.json", "adapter_config.json"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+        )
+    except OSError as exc:
+        raise _hub_error(name, exc) from exc
     if adapter is not None:
         from peft import PeftModel
 

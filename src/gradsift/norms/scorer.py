@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gradsift.data.formatting import collate, encode_records, length_batches
-from gradsift.data.records import read_records
+from gradsift.data.records import RecordError, read_records
 from gradsift.norms.engine import GhostNormEngine
 
 COLUMNS = ["row", "G", "L", "n_response_tokens", "n_tokens"]
@@ -34,6 +34,7 @@ class ScoreOptions:
     messages_field: str | None = None
     system_field: str | None = None
     limit: int | None = None
+    verify: bool = True  # check the first batch against the per-sample loop (gradsift.norms.verify)
 
 
 def _dist():
@@ -74,7 +75,7 @@ def score_features(
             done_rows.update(part["row"].tolist())
     device = next(model.parameters()).device
     todo = [(k, b) for k, b in mine if not all(features[i]["row"] in done_rows for i in b)]
-    engine = GhostNormEngine(model, params=options.params)
+    engine = GhostNormEngine(model, params=options.params, verify=options.verify)
     buffer: list[dict] = []
     n_written = len(list(chunk_dir.glob(f"part-r{rank:03d}-*.parquet"))) if chunk_dir and chunk_dir.exists() else 0
 
@@ -125,14 +126,19 @@ def score_dataset(
 ) -> pd.DataFrame:
     """Score every row of ``source`` (file or ``hf:`` name); write ``out`` (Parquet) if given.
 
-    Bad rows raise :class:`gradsift.data.RecordError` before anything is scored;
-    chunks written by an earlier, interrupted run are kept and reused.
+    Bad rows (or none at all) raise :class:`gradsift.data.RecordError` before anything
+    is scored; chunks written by an earlier, interrupted run are kept and reused. With
+    ``options.verify`` (the default) the first batch is checked against the per-sample
+    loop and a mismatch raises :class:`gradsift.norms.NormCheckError` before any row
+    is written.
     """
     options = options or ScoreOptions()
     records = read_records(
         source, prompt_field=options.prompt_field, response_field=options.response_field,
         messages_field=options.messages_field, system_field=options.system_field, limit=options.limit,
     )
+    if not records:
+        raise RecordError(source, "no records to score (the data is empty)")
     features = encode_records(tokenizer, records, options.max_length, source=str(source))
     rank, world, barrier = _dist()
     out_path = Path(out) if out is not None else None

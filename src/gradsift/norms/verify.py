@@ -130,7 +130,8 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
     """Compare the engine's last backward with the per-sample loop; raise NormCheckError on a mismatch.
 
     ``group_sq`` holds each group's squared norms (B,) of that backward (unscaled),
-    ``total_sq`` the engine's total (B,). Returns the seconds the check took.
+    keyed by ``id(group)``, and the fallback's under ``"fallback"``; ``total_sq`` the
+    engine's total (B,). Returns the seconds the check took.
     """
     t0 = time.perf_counter()
     samples = pick_samples(batch, mask)
@@ -167,8 +168,11 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
     keep = engine.keep_grads and bool(engine.trainable_ids)
     trainable = [p for p in target if id(p) in engine.trainable_ids] if keep else []
     ref_sum = {id(p): torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in trainable}
+    from gradsift.norms.engine import _eager
+
     for i in samples:
-        grads, _ = per_sample_grads(model, batch, i, target, trim=False, loss_scale=loss_scale)
+        with _eager(model):  # as the engine ran it (compiled submodules eagerly)
+            grads, _ = per_sample_grads(model, batch, i, target, trim=False, loss_scale=loss_scale)
         ref_sq = {id(p): (g.double().pow(2).sum() if g is not None else torch.zeros((), dtype=torch.float64))
                   for p, g in zip(target, grads)}
         for p, g in zip(target, grads):
@@ -198,7 +202,7 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
             if key not in worst_module or err > worst_module[key][0]:
                 worst_module[key] = (err, module_of_group[id(g)])
         if FALLBACK in kinds:
-            eng_kind[FALLBACK] = eng_total - sum(eng_kind.values())
+            eng_kind[FALLBACK] = float(group_sq["fallback"][i]) if "fallback" in group_sq else 0.0
         for key, k in kinds.items():
             r = float(sum(ref_sq[p].cpu() for p in k.param_ids if p in ref_sq))
             e = eng_kind.get(key, 0.0)
