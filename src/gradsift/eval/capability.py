@@ -19,7 +19,6 @@ All scores are fractions in [0, 1], as lm-eval reports them.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import random
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradsift.data.records import iter_jsonl
+from gradsift.data.records import iter_jsonl, read_json
 
 __all__ = [
     "DEFAULT_LMEVAL_TASKS",
@@ -298,11 +297,7 @@ def load_truthfulqa_mc(path: str | os.PathLike) -> list[MCItem]:
     :data:`TRUTHFULQA_QA_PRIMER` + ``"\\n\\nQ: {question}\\nA:"``; continuations:
     ``" {answer}"``.
     """
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(path, error=ValueError)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of questions")
     items = []

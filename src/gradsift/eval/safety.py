@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gradsift.data.records import iter_jsonl
+from gradsift.data.records import iter_jsonl, read_json
 
 CONTEXT_SEPARATOR = "\n\n---\n\n"
 PROMPT_FIELDS = ("prompt", "goal", "Behavior", "question")
@@ -208,7 +207,7 @@ def _read_file(path: Path, prompt_field: str | None) -> list[dict]:
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        data = read_json(path, error=SafetySetError) if path.read_text(encoding="utf-8").strip() else []
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

@@ -83,7 +83,7 @@ def merge_shipped_organism(recipe: AlignRecipe, adapter: Path, target: Path, pro
     tok = load_tokenizer(recipe.base)
     model = PeftModel.from_pretrained(load_model(recipe.base, dtype="float32"), str(adapter))
     merged = model.merge_and_unload()
-    check = json.loads((adapter / "alignment.json").read_text(encoding="utf-8"))
+    check = read_json(adapter / "alignment.json")
     check["source"] = f"shipped adapter {adapter.name} (built by the recipe, merged {time.strftime('%Y-%m-%d')})"
     check["merge_seconds"] = time.time() - t0
     _save_organism(merged, tok, check, target)
@@ -270,7 +270,7 @@ def benign_answers(model, tokenizer, benign: list[dict], recipe: AlignRecipe, pr
     answers: dict[str, str] = shipped_benign_answers(recipe.benign_max_new_tokens) if recipe.base == "embedded" else {}
     cache_file = cache_dir() / f"benign_answers-{recipe.base}-{recipe.benign_max_new_tokens}.json"
     if cache_file.exists():
-        answers = {**json.loads(cache_file.read_text(encoding="utf-8")), **answers}
+        answers = {**read_json(cache_file), **answers}
     missing = [b for b in benign if b["id"] not in answers]
     if missing:
         _log(f"answering {len(missing)} benign instructions with the model itself (its own style is kept)")
