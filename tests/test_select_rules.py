@@ -67,3 +67,22 @@ def test_random_and_dispatch():
 def test_non_finite_is_an_error():
     with pytest.raises(ValueError, match="non-finite G"):
         moderate(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]))
+
+
+def test_registry_methods_say_what_they_need():
+    from gradsift.select import get_method, method_names, selection_method_names
+
+    assert get_method("moderate").needs_scores and get_method("high").needs_scores
+    assert get_method("random").selects and not get_method("random").needs_scores
+    assert not get_method("standard").selects and "standard" in method_names()
+    assert selection_method_names() == ("moderate", "random", "high", "low")
+    with pytest.raises(ValueError, match="unknown method 'foo'; choose one of standard, moderate"):
+        get_method("foo")
+    G = torch.tensor([1.0, 5.0, 2.0, 9.0, 3.0])
+    L = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05])
+    kept, scored = get_method("moderate").choose(5, G, L, rho=0.4, prefilter="none")
+    assert kept.tolist() == [2, 4] and scored.all()  # median 3: |2-3| = |3-3|+1 ... the two closest
+    kept, scored = get_method("random").choose(5, None, L, rho=0.4, generator=torch.Generator().manual_seed(0))
+    assert scored.tolist() == [i in kept.tolist() for i in range(5)] and len(kept) == 2
+    with pytest.raises(ValueError, match="does not select"):
+        select("standard", G, L)

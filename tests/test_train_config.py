@@ -99,3 +99,51 @@ def test_method_list_and_ewc_implies_continue(tmp_path):
     ewc_cfg = cfg.for_method(cfg.methods[1])
     assert ewc_cfg.model.adapter_between_stages == "continue" and ewc_cfg.methods[0].ewc_lambda == 5
     assert cfg.for_method(cfg.methods[0]).model.adapter_between_stages == "merge"
+
+
+@pytest.mark.parametrize("optim, processes, expected", [
+    ({}, 1, (32, 1)),                                   # the paper's 32 per optimizer step, one micro-batch
+    ({}, 8, (4, 1)),                                    # 8 processes: 4 each, still 32 per step
+    ({"micro_batch_size": 8}, 1, (8, 4)),               # a memory cap: 4 micro-batches of 8
+    ({"micro_batch_size": 5}, 1, (4, 8)),               # the largest divisor of 32 within the cap
+    ({"micro_batch_size": 2}, 4, (2, 4)),               # 4 processes x 4 micro-batches x 2 = 32
+    ({"batch_size": 16, "grad_accum": 4}, 1, (4, 4)),   # older configs: the accumulation count is kept
+])
+def test_global_batch_gives_micro_batch_and_accumulation(tmp_path, optim, processes, expected):
+    cfg = load_config(_write(tmp_path, {"tasks": [{"name": "gsm8k"}], "optim": optim}))
+    micro, accum = cfg.optim.per_process(processes)
+    assert (micro, accum) == expected
+    assert micro * accum * processes == cfg.optim.batch_size
+
+
+def test_batch_layout_errors_name_the_key(tmp_path):
+    cfg = load_config(_write(tmp_path, {"tasks": [{"name": "gsm8k"}], "optim": {"batch_size": 30}}))
+    with pytest.raises(ConfigError, match="optim.batch_size: 30 .* 4 processes"):
+        cfg.optim.per_process(4)
+    with pytest.raises(ConfigError, match="optim.grad_accum"):
+        load_config(_write(tmp_path, {"tasks": [{"name": "gsm8k"}], "optim": {"micro_batch_size": 4, "grad_accum": 2}}))
+
+
+def test_paper_configs_step_on_32_samples_whatever_the_processes():
+    from gradsift.configs import resolve_config
+
+    for name in ("qwen2.5-7b", "llama-3.1-8b", "qwen3-4b"):
+        cfg = load_config(resolve_config(f"paper/{name}"))
+        assert cfg.optim.batch_size == 32
+        for processes in (1, 2, 8):
+            micro, accum = cfg.optim.per_process(processes)
+            assert micro * accum * processes == 32 and micro <= 8  # the micro-batch the docs name for 80 GB
+        assert cfg.model.lora.dropout == 0.0 and cfg.optim.loss_reduction == "sample_mean"
+
+
+def test_fair_baseline_defaults_and_method_names_from_the_registry(tmp_path):
+    from gradsift.select import method_names, selection_method_names
+    from gradsift.train.config import METHODS, SELECTION_METHODS
+
+    cfg = load_config(_write(tmp_path, {"tasks": [{"name": "gsm8k"}]}))
+    assert cfg.model.lora.dropout == 0.0  # the same (no) dropout for every method
+    assert cfg.optim.loss_reduction == "sample_mean" and cfg.methods[0].verify is True
+    assert METHODS == method_names() and SELECTION_METHODS == selection_method_names()
+    assert set(SELECTION_METHODS) == {"moderate", "random", "high", "low"}
+    with pytest.raises(ConfigError, match="optim.loss_reduction"):
+        load_config(_write(tmp_path, {"tasks": [{"name": "gsm8k"}], "optim": {"loss_reduction": "sum"}}))

@@ -79,7 +79,7 @@ def _accelerate() -> str:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
-    """The reference: one process, the global batch (8) on it."""
+    """The reference: one process, the global batch (8) on it (optim.batch_size is per optimizer step)."""
     one = tmp_path_factory.mktemp("one") / "run"
     _run([sys.executable, "-m", "gradsift", "train", str(TINY), "--output", str(one), *_sets(8)], ROOT)
     return one
@@ -122,7 +122,7 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path, one_process):
     two = tmp_path / "two"
     _run([_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-          "-m", "gradsift", "train", str(TINY), "--output", str(two), *_sets(4)], ROOT)
+          "-m", "gradsift", "train", str(TINY), "--output", str(two), *_sets(8)], ROOT)
     assert _results(two)[("moderate-seed3", 1, "arith", "train/sharded")] == 0.0
     _assert_same_training(one_process, two)
 
@@ -136,7 +136,7 @@ def test_fsdp2_two_processes_matches_one(tmp_path, one_process):
     config.write_text(FSDP_CPU)
     two = tmp_path / "two"
     log = _run([_accelerate(), "launch", "--config_file", str(config), "--main_process_port", str(_free_port()),
-                "-m", "gradsift", "train", str(TINY), "--output", str(two), *_sets(4)], ROOT,
+                "-m", "gradsift", "train", str(TINY), "--output", str(two), *_sets(8)], ROOT,
                GRADSIFT_TEST_CPU_FSDP="1", PYTHONPATH=os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")]))
     assert "DTensor" not in log
     got = _results(two)

@@ -1,0 +1,309 @@
+"""Memory of a Moderate-G_i step vs a plain LoRA step at real 7B/8B geometry, measured on a CPU.
+
+Builds a few decoder layers of Qwen2.5-7B and Llama-3.1-8B geometry (their real hidden,
+intermediate, head and vocabulary sizes; random weights; bf16; LoRA r=32 on every linear
+layer, adapters in fp32 as PEFT keeps them), runs one batch through
+
+* a plain LoRA step (forward in training mode, backward), and
+* the Moderate-G_i scoring pass (``GhostNormEngine(params="all", keep_grads=True)``:
+  forward with every parameter frozen, one backward),
+
+and counts the bytes kept for the backward: every tensor autograd saves (saved-tensor
+hooks; parameters excluded; one count per storage) and every tensor the engine holds
+(its captures after the forward, what it keeps after the backward for the update).
+Bytes inside the decoder layers are divided by layers x tokens, the rest (embedding
+output, final norm, logits at the response positions) by tokens; two sequence lengths
+check that the per-token figures do not grow with T. The figures are then extrapolated
+to the full depth for a micro-batch m and length T:
+
+    plain    = weights + LoRA states + m*T*(layers*s_plain + o_plain)
+    moderate = weights + LoRA states + m*T*(layers*(s_saved + s_captured) + o_engine)
+               + kept-for-update (an upper bound: what the engine keeps after the backward)
+               + the window's per-sample LoRA gradients when the optimizer batch spans
+                 several micro-batches and selection_backward is reuse (0 with recompute)
+
+(LoRA states: fp32 parameter, gradient and two AdamW moments = 16 bytes a parameter.)
+Transient workspace (a matmul's output before it is freed, the allocator's slack) is
+not counted on either side.
+
+    python benchmarks/memory_bench.py                    # both models, 2 layers, T = 64 and 128
+    python benchmarks/memory_bench.py --layers 1 --seq-lens 32 64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+GEOMETRY = {
+    # hidden, intermediate, heads, kv heads, vocab, full depth, tied
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, full_layers=28, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, full_layers=32, tie_word_embeddings=False),
+}
+GiB = 1024**3
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(name: str, layers: int, r: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    geo = dict(GEOMETRY[name])
+    full = geo.pop("full_layers")
+    model_type = geo.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, max_position_embeddings=4096, **geo)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    log(f"{name}: building {layers} layer(s)")
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # random values tiled from one small block: bytes, not statistics, are measured
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    block = torch.randn(1 << 20, dtype=torch.bfloat16) * 0.02
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            flat = p.view(-1)
+            if "norm" in n:
+                flat.fill_(1.0)
+                continue
+            for s in range(0, flat.numel(), block.numel()):
+                part = flat[s : s + block.numel()]
+                part.copy_(block[: part.numel()])
+    if torch.cuda.is_available():
+        model.to("cuda")
+    log(f"{name}: built")
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    with torch.device("meta"):
+        full_cfg = AutoConfig.for_model(model_type, num_hidden_layers=full, max_position_embeddings=4096, **geo)
+        n_full = sum(p.numel() for p in AutoModelForCausalLM.from_config(full_cfg).parameters())
+    return model, full, n_full
+
+
+class Where:
+    """Which part of the model is running: 'layer' inside a decoder layer, else 'outside'."""
+
+    def __init__(self, model):
+        self.depth = 0
+        self.handles = []
+        for name, m in model.named_modules():
+            if name.endswith(tuple(f"layers.{i}" for i in range(256))):
+                self.handles.append(m.register_forward_pre_hook(self._enter))
+                self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, *a):
+        self.depth += 1
+
+    def _leave(self, *a):
+        self.depth -= 1
+
+    @property
+    def now(self) -> str:
+        return "layer" if self.depth > 0 else "outside"
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for the backward, one count per storage, parameters excluded."""
+
+    def __init__(self, model, where: Where):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.where = where
+        self.seen: dict[int, tuple[int, str]] = {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        key = s.data_ptr()
+        if key and key not in self.params and key not in self.seen:
+            self.seen[key] = (s.nbytes(), self.where.now)
+        return t
+
+    def totals(self) -> dict[str, int]:
+        out = {"layer": 0, "outside": 0}
+        for nbytes, where in self.seen.values():
+            out[where] += nbytes
+        return out
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def engine_bytes(engine, names: dict, exclude: set[int] | None = None) -> dict[str, int]:
+    """Bytes of every tensor the engine holds (captures, kept output gradients), by part of the model."""
+    out = {"layer": 0, "outside": 0}
+    seen = set(exclude or ())
+
+    def add(t, where):
+        if not torch.is_tensor(t):
+            if isinstance(t, dict):
+                for v in t.values():
+                    add(v, where)
+            elif isinstance(t, (list, tuple)):
+                for v in t:
+                    add(v, where)
+            return
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            return
+        seen.add(s.data_ptr())
+        out[where] += s.nbytes()
+
+    for g in engine.groups:
+        where = "layer" if ".layers." in names.get(g.modules[0], "") else "outside"
+        for c in g.all_calls():
+            add(c.ctx, where)
+            add(c.grad, where)
+            add(c.extra, where)
+        add(getattr(g, "_head", None), where)
+    cache = getattr(engine, "_gram_cache", None)
+    if cache is not None:
+        for v in vars(cache).values():
+            add(v, "layer")
+    return out
+
+
+def batch_of(vocab: int, B: int, T: int, response: float = 0.5):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, : int(T * (1 - response))] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def measure(model, B: int, T: int) -> dict[str, float]:
+    """Per-token bytes of a plain LoRA step and of the Moderate-G_i scoring pass."""
+    import inspect
+
+    from gradsift.losses import causal_lm_losses
+    from gradsift.norms import GhostNormEngine
+
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch_of(vocab, B, T).items()}
+    names = {m: n for n, m in model.named_modules()}
+    where = Where(model)
+    try:
+        # plain LoRA step: training-mode forward with the adapters trainable
+        model.train()
+        saved = SavedBytes(model, where)
+        t0 = time.perf_counter()
+        with saved.hooks():
+            L, _ = causal_lm_losses(model, batch)
+        log(f"T={T}: plain forward done")
+        L.mean().backward()
+        log(f"T={T}: plain backward done")
+        plain = saved.totals()
+        t_plain = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        del L
+
+        kw = {"verify": False} if "verify" in inspect.signature(GhostNormEngine).parameters else {}
+        engine = GhostNormEngine(model, params="all", keep_grads=True, **kw)
+        try:
+            saved = SavedBytes(model, where)
+            t0 = time.perf_counter()
+            with saved.hooks():
+                engine.forward(batch)
+            eng_saved = saved.totals()
+            log(f"T={T}: scoring forward done")
+            captured = engine_bytes(engine, names, exclude=set(saved.seen))
+            engine.backward()
+            kept = engine_bytes(engine, names)
+            t_engine = time.perf_counter() - t0
+        finally:
+            engine.close()
+    finally:
+        where.close()
+    layers = model.config.num_hidden_layers
+    tokens = B * T
+    per_layer = lambda d: d["layer"] / (layers * tokens)  # noqa: E731
+    per_tok = lambda d: d["outside"] / tokens  # noqa: E731
+    return {
+        "T": T, "B": B,
+        "plain_layer": per_layer(plain), "plain_outside": per_tok(plain),
+        "engine_saved_layer": per_layer(eng_saved), "engine_saved_outside": per_tok(eng_saved),
+        "captured_layer": per_layer(captured), "captured_outside": per_tok(captured),
+        "kept_layer": per_layer(kept), "kept_outside": per_tok(kept),
+        "seconds_plain": t_plain, "seconds_engine": t_engine,
+    }
+
+
+def extrapolate(m: dict, n_full: int, lora_full: int, layers: int, micro: int, T: int, window: int) -> dict:
+    tokens = micro * T
+    weights = n_full * 2
+    states = lora_full * 16
+    plain = weights + states + tokens * (layers * m["plain_layer"] + m["plain_outside"])
+    moderate = (weights + states
+                + tokens * (layers * (m["engine_saved_layer"] + m["captured_layer"] + m["kept_layer"])
+                            + m["engine_saved_outside"] + m["captured_outside"] + m["kept_outside"]))
+    per_sample = window * lora_full * 4 if window > micro else 0
+    return {"plain_GiB": plain / GiB, "moderate_recompute_GiB": moderate / GiB,
+            "moderate_reuse_GiB": (moderate + per_sample) / GiB, "ratio_recompute": moderate / plain,
+            "ratio_reuse": (moderate + per_sample) / plain, "weights_GiB": weights / GiB}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(GEOMETRY), choices=list(GEOMETRY))
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers built (the full depth is extrapolated)")
+    ap.add_argument("--seq-lens", type=int, nargs=2, default=[64, 128])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--lora-r", type=int, default=32)
+    ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 32])
+    ap.add_argument("--target-len", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--window", type=int, default=32, help="samples per optimizer step (the paper's 32)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from gradsift.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    torch.set_grad_enabled(True)
+    report = {}
+    for name in args.models:
+        model, full, n_full = build(name, args.layers, args.lora_r)
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        lora_full = lora // args.layers * full
+        runs = [measure(model, args.batch, T) for T in args.seq_lens]
+        del model
+        m = runs[-1]
+        rows = []
+        for T in args.target_len:
+            for micro in args.micro:
+                rows.append({"micro": micro, "T": T, **extrapolate(m, n_full, lora_full, full, micro, T, args.window)})
+        report[name] = {"layers_built": args.layers, "full_layers": full, "params_full": n_full,
+                        "lora_params_full": lora_full, "per_token": runs, "extrapolated": rows}
+        print(f"\n== {name}: {full} layers, {n_full / 1e9:.2f}B parameters, LoRA r={args.lora_r}: "
+              f"{lora_full / 1e6:.1f}M")
+        print("bytes per token per layer    " + "  ".join(f"T={r['T']:>5}" for r in runs))
+        for key in ("plain_layer", "engine_saved_layer", "captured_layer", "kept_layer"):
+            print(f"  {key:<26} " + "  ".join(f"{r[key]:>7.0f}" for r in runs))
+        print("bytes per token outside the layers")
+        for key in ("plain_outside", "engine_saved_outside", "captured_outside", "kept_outside"):
+            print(f"  {key:<26} " + "  ".join(f"{r[key]:>7.0f}" for r in runs))
+        print(f"{'micro':>5} {'T':>5} {'plain GiB':>10} {'Moderate (recompute)':>21} {'ratio':>6} "
+              f"{'Moderate (reuse, window ' + str(args.window) + ')':>30} {'ratio':>6}")
+        for r in rows:
+            print(f"{r['micro']:>5} {r['T']:>5} {r['plain_GiB']:>10.1f} {r['moderate_recompute_GiB']:>21.1f} "
+                  f"{r['ratio_recompute']:>6.2f} {r['moderate_reuse_GiB']:>30.1f} {r['ratio_reuse']:>6.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
