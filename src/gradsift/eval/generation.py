@@ -22,11 +22,12 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Prompt = str | list[dict[str, Any]]
 
@@ -35,26 +36,25 @@ Prompt = str | list[dict[str, Any]]
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding settings shared by the backends (greedy by default)."""
+class GenerationConfig(BaseModel):
+    """Decoding settings shared by the backends (greedy by default); the ``eval.generation``
+    section of a config is this model."""
 
-    max_new_tokens: int = 128
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
+    backend: Literal["hf", "vllm"] = "hf"
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> GenerationConfig:
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError("sampling (do_sample: true) needs temperature > 0")
+        return self
 
 
 def _as_messages(prompt: Prompt) -> list[dict[str, Any]]:

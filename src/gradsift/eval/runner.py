@@ -86,29 +86,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerationSettings(_Section):
-    """Decoding settings for every generated answer (greedy by default)."""
-
-    max_new_tokens: int = Field(128, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-    backend: Literal["hf", "vllm"] = "hf"
-
-    @model_validator(mode="after")
-    def _sampling_needs_temperature(self) -> GenerationSettings:
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError("sampling (do_sample: true) needs temperature > 0")
-        return self
-
-    def to_config(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                                batch_size=self.batch_size)
-
-
 class SafetySetSettings(_Section):
     """One harmful-prompt set: ASR per judge and attack."""
 
@@ -216,7 +193,7 @@ class EvalConfig(_Section):
     the built-in benign/borderline requests; capability benchmarks are off.
     """
 
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)  # decoding for every answer
     tasks: Literal["all", "seen", "none"] = "all"
     task_n_eval: int | None = Field(None, ge=1)
     safety: list[SafetySetSettings] = Field(default_factory=lambda: [SafetySetSettings(set=BUILTIN_HARMFUL)])
@@ -581,7 +558,7 @@ def evaluate(
     if generator is None and needs_generation:
         if cfg.generation.backend == "vllm" and not isinstance(model, (str, Path)):
             raise EvalConfigError("generation.backend: vllm needs a model path, not a loaded model; use backend: hf")
-        generator = make_generator(cfg.generation.backend, model, tokenizer, cfg.generation.to_config())
+        generator = make_generator(cfg.generation.backend, model, tokenizer, cfg.generation)
     where = f" (stage {stage})" if stage is not None else ""
     rows: list[dict[str, Any]] = []
 
