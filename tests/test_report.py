@@ -469,3 +469,9 @@ def test_report_from_real_training(tmp_path, shared_data):
             "plot-selection-moderate", "plot-loss"} <= set(page.figures)
     assert "plot-selection-standard" not in page.figures
     assert float(page.cells[("standard", "AA")]["data-value"]) == pytest.approx(table.at["standard", "AA"])
+    # the saved generations give intervals over prompts, and a paired test against moderate
+    for method in ("moderate", "standard"):
+        cell = page.cells[(method, "asr")]
+        assert float(cell["data-lo"]) <= float(cell["data-value"]) <= float(cell["data-hi"])
+    assert 0 < float(page.cells[("standard", "final_asr")]["data-p"]) <= 1
+    assert "data-p" not in page.cells[("moderate", "final_asr")]

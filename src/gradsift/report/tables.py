@@ -582,4 +582,16 @@ def summary_markdown(store: RunStore, judge: str | None = None) -> str:
             parts.append(f"kept {100 * table.at[method, 'kept_fraction']:.0f}% of the samples")
         parts.append(f"training {fmt(method, 'train_time_s', unit=' s')}")
         lines.append(f"- **{method}** ({n} seed{'s' if n != 1 else ''}): " + ", ".join(parts))
+    tests = comparison_table(store, judge)
+    if len(tests):
+        ref = tests["vs"].iloc[0]
+        lines += ["", f"Paired tests against {ref} on the same prompts (difference in points, 95% interval):", "",
+                  "| measure | method | value [95% CI] | diff vs " + str(ref) + " [95% CI] | p | test |",
+                  "|---|---|---:|---:|---:|---|"]
+        for _, r in tests.iterrows():
+            p = r["p"]
+            p_text = MISSING if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+            lines.append(f"| {r['label']} | {r['method']} | {format_value(r['value'])} "
+                         f"[{format_value(r['lo'])}, {format_value(r['hi'])}] | {r['diff']:+.1f} "
+                         f"[{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}] | {p_text} | {r['test']} |")
     return "\n".join(lines) + "\n"
