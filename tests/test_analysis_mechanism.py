@@ -207,3 +207,113 @@ def test_safety_basin_rejects_bad_options():
         safety_basin(model, lambda m: 0.0, radii=[0.0, 0.1], progress=False)
     with pytest.raises(ValueError, match="n_directions"):
         safety_basin(model, lambda m: 0.0, n_directions=0, progress=False)
+
+
+# --------------------------------------------------------------------------- command and report on a tiny run
+
+
+def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A two-stage run of a tiny random Llama (two seeds, LoRA merged between stages) and a 'pretrained' model."""
+    from gradsift.train import run_training
+    from gradsift.train.config import validate_config
+    from gradsift.train.stages import build_base_model, build_tokenizer
+
+    cfg = validate_config({
+        "model": {"tokenizer": "embedded",
+                  "config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                             "max_position_embeddings": 128, "tie_word_embeddings": True},
+                  "lora": {"r": 2, "alpha": 4, "dropout": 0.0}},
+        "tasks": [{"name": "arith", "n_train": 8, "n_eval": 2, "max_length": 48},
+                  {"name": "mcq", "n_train": 8, "n_eval": 2, "max_length": 48}],
+        "method": {"name": "standard"},
+        "optim": {"lr": 5e-2, "batch_size": 4},
+        "seeds": [0, 1],
+    })
+    out = run_training(cfg, tmp_path / "run")
+    # the model "before alignment": the aligned weights with every 2-D matrix of the blocks shifted
+    pre = build_base_model(cfg.model, build_tokenizer(cfg.model), out / "standard-seed0" / "base_model")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pre.named_parameters():
+            if p.ndim == 2 and ".layers." in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    pre.save_pretrained(tmp_path / "pre")
+    build_tokenizer(cfg.model).save_pretrained(tmp_path / "pre")
+    return out, tmp_path / "pre"
+
+
+def _lora_delta(adapter_dir: Path, module: str, scale: float) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    w = load_file(adapter_dir / "adapter_model.safetensors")
+    key = f"base_model.model.{module}"
+    return scale * w[f"{key}.lora_B.weight"] @ w[f"{key}.lora_A.weight"]
+
+
+@pytest.mark.slow
+def test_study_drift_command_and_report(tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from gradsift.cli import app
+
+    out, pre = _tiny_run(tmp_path)
+    runner = CliRunner()
+    # the model is built from a config, not a named organism: the pretrained one must be named
+    res = runner.invoke(app, ["study", "drift", str(out), "--parts", "kl"])
+    assert res.exit_code == 2 and "--pretrained" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["study", "drift", str(out), "--parts", "kl,basin,nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+
+    res = runner.invoke(app, ["study", "drift", str(out), "--pretrained", str(pre), "--n-harmful", "3",
+                              "--n-benign", "2", "--max-new-tokens", "4", "--directions", "2", "--radii", "0.1,0.3",
+                              "--basin-prompts", "2", "--basin-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    mech = out / "analysis" / "mechanism"
+
+    drift = pd.read_csv(mech / "drift.csv")
+    assert set(drift["run"]) == {"standard-seed0", "standard-seed1"} and set(drift["stage"]) == {0, 1, 2}
+    assert set(drift["direction"]) == {"ckpt||ref", "ref||ckpt"} and set(drift["set"]) == {"harmful", "benign"}
+    to_aligned = drift[(drift["reference"] == "aligned")]
+    assert to_aligned.loc[to_aligned["stage"] == 0, "kl"].abs().max() < 1e-6  # the aligned model against itself
+    assert (to_aligned.loc[to_aligned["stage"] > 0, "kl"] > 0).all()
+    replies = [json.loads(line) for line in (mech / "replies.jsonl").read_text().splitlines()]
+    assert {r["set"] for r in replies} <= {"harmful", "benign"} and len(replies) <= 5
+
+    # the update of stage 2 of seed 1 against the alignment direction, recomputed from the saved files
+    direction = pd.read_csv(mech / "direction.csv")
+    assert len(direction) == 4 and set(direction["stage"]) == {1, 2}
+    aligned = load_file(out / "standard-seed1" / "base_model" / "model.safetensors")
+    pretrained = load_file(pre / "model.safetensors")
+    dot = nu = na = 0.0
+    for name, w in aligned.items():
+        if name == "lm_head.weight":
+            continue
+        a = pretrained[name].double() - w.double()
+        u = torch.zeros_like(a)
+        if name.endswith("proj.weight"):
+            u = _lora_delta(out / "standard-seed1" / "stage_2" / "adapter", name.removesuffix(".weight"), 2.0).double()
+        dot += float((u * a).sum())
+        nu += float((u * u).sum())
+        na += float((a * a).sum())
+    row = direction[(direction["run"] == "standard-seed1") & (direction["stage"] == 2)].iloc[0]
+    assert row["whole"] == pytest.approx(dot / math.sqrt(nu * na), rel=1e-3, abs=1e-6)
+    assert row["update_norm"] == pytest.approx(math.sqrt(nu), rel=1e-4)
+    layers = pd.read_csv(mech / "direction_layers.csv")
+    assert {"model.layers.0", "model.layers.1"} <= set(layers["block"])
+
+    basin = pd.read_csv(mech / "basin_summary.csv")
+    assert sorted(zip(basin["run"], basin["stage"])) == [("standard-seed0", 0), ("standard-seed0", 2),
+                                                        ("standard-seed1", 0), ("standard-seed1", 2)]
+    assert set(basin["width"]) <= {0.0, 0.1, 0.3}
+    detail = pd.read_csv(mech / "basin.csv")
+    assert len(detail) == 4 * 2 * 2 and detail["refusal"].between(0, 100).all()
+    meta = json.loads((mech / "meta.json").read_text())
+    assert meta["basin"]["n_directions"] == 2 and meta["drift"]["pretrained"] == str(pre)
+
+    html = (out / "report.html").read_text()
+    for hook in ("mechanism-kl-table", "plot-mechanism-kl", "mechanism-direction-table", "plot-mechanism-direction",
+                 "plot-mechanism-basin", "mechanism-basin-table"):
+        assert hook in html
+    assert 'id="mechanism"' in html

@@ -206,30 +206,71 @@ def basin_study(run_dir: str | Path, *, radii: Sequence[float] = DEFAULT_RADII,
     prompts = [it["prompt"] for it in load_prompt_set(h_spec, "safety", n_prompts, seed + 1)]
     meter = refusal_meter(rm.tokenizer, prompts, max_new_tokens)
     device = _device()
-    detail, summary = [], []
+    out_dir = mechanism_dir(rm.path)
+    settings = {"radii": sorted(map(float, radii)), "n_directions": n_directions, "tolerance": tolerance,
+                "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "scope": scope, "seed": seed}
+    detail, summary = _earlier(out_dir, settings, [(c.run, c.stage) for c in chosen])
+    done = {(r["run"], r["stage"]) for r in summary}
     for ck in chosen:
+        if (ck.run, ck.stage) in done or (ck.stage == 0 and any(s == 0 for _, s in done)):
+            continue  # measured by an earlier call with the same settings
         model = rm.load(ck).to(device)
         res = safety_basin(model, meter, radii=radii, n_directions=n_directions, tolerance=tolerance, seed=seed,
                            scope=scope, progress=progress)
         del model
-        runs_of = [c.run for c in every if c.stage == 0] if ck.stage == 0 else [ck.run]
-        for run in runs_of:  # stage 0 is shared: listed under every run
-            m, s = run.rsplit("-seed", 1)
-            key = {"run": run, "method": m, "seed": int(s), "stage": ck.stage}
-            for j, row in enumerate(res.refusal):
-                detail += [{**key, "direction": j, "radius": r, "refusal": v} for r, v in zip(res.radii, row)]
-            summary.append({**key, "base_refusal": res.base, "width": res.width,
-                            "width_dir_mean": sum(res.widths) / len(res.widths), "seconds": res.seconds,
-                            **{f"refusal@{r:g}": v for r, v in zip(res.radii, res.mean_curve)},
-                            **{f"refusal_sd@{r:g}": v for r, v in zip(res.radii, res.sd_curve)}})
-    out_dir = mechanism_dir(rm.path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    detail_df, summary_df = pd.DataFrame(detail), pd.DataFrame(summary)
-    detail_df.to_csv(out_dir / BASIN_FILE, index=False)
-    summary_df.to_csv(out_dir / BASIN_SUMMARY_FILE, index=False)
-    _update_meta(out_dir, "basin", {"radii": list(map(float, radii)), "n_directions": n_directions,
-                                    "tolerance": tolerance, "n_prompts": len(prompts),
-                                    "max_new_tokens": max_new_tokens, "scope": scope, "stages": stages
-                                    if isinstance(stages, str) else list(stages),
+        key = {"run": ck.run, "method": ck.method, "seed": ck.seed, "stage": ck.stage}
+        for j, row in enumerate(res.refusal):
+            detail += [{**key, "direction": j, "radius": r, "refusal": v} for r, v in zip(res.radii, row)]
+        summary.append({**key, "base_refusal": res.base, "width": res.width,
+                        "width_dir_mean": sum(res.widths) / len(res.widths), "seconds": res.seconds,
+                        **{f"refusal@{r:g}": v for r, v in zip(res.radii, res.mean_curve)},
+                        **{f"refusal_sd@{r:g}": v for r, v in zip(res.radii, res.sd_curve)}})
+        done.add((ck.run, ck.stage))
+        # after every checkpoint: an interrupted study keeps what it measured, and a rerun reuses it
+        detail, summary = _write(out_dir, detail, summary, [c for c in every if c.stage == 0])
+        _update_meta(out_dir, "basin", {**settings, "partial": True})
+    _, summary = _write(out_dir, detail, summary, [c for c in every if c.stage == 0])
+    _update_meta(out_dir, "basin", {**settings, "stages": stages if isinstance(stages, str) else list(stages),
                                     "checkpoints": len(chosen), "seconds": time.time() - t0})
-    return summary_df
+    return pd.DataFrame(summary)
+
+
+def _write(out_dir: Path, detail: list[dict[str, Any]], summary: list[dict[str, Any]], stage0: list):
+    """Write both tables, the stage-0 rows (one model, shared by every run) listed under every run."""
+    import pandas as pd
+
+    def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        zero = [r for r in rows if r["stage"] == 0]
+        if not zero:
+            return rows
+        first = zero[0]["run"]
+        zero = [r for r in zero if r["run"] == first]
+        rest = [r for r in rows if r["stage"] != 0]
+        return [{**r, "run": c.run, "method": c.method, "seed": c.seed} for c in stage0 for r in zero] + rest
+
+    detail, summary = spread(detail), spread(summary)
+    pd.DataFrame(detail).to_csv(out_dir / BASIN_FILE, index=False)
+    pd.DataFrame(summary).to_csv(out_dir / BASIN_SUMMARY_FILE, index=False)
+    return detail, summary
+
+
+def _earlier(out_dir: Path, settings: dict[str, Any], wanted: list[tuple[str, int]]):
+    """Rows of an earlier basin study of the same settings for checkpoints chosen again (else none)."""
+    import json
+
+    import pandas as pd
+
+    meta_file, s_file, d_file = out_dir / "meta.json", out_dir / BASIN_SUMMARY_FILE, out_dir / BASIN_FILE
+    if not (meta_file.exists() and s_file.exists() and d_file.exists()):
+        return [], []
+    old = json.loads(meta_file.read_text(encoding="utf-8")).get("basin", {})
+    old["radii"] = sorted(map(float, old.get("radii", [])))
+    if any(old.get(k) != v for k, v in settings.items()):
+        return [], []
+    runs = {r for r, _ in wanted}
+    keep = set(wanted) | {(r, 0) for r in runs}  # stage 0 is shared by every run
+    summary = [r for r in pd.read_csv(s_file).to_dict("records") if (r["run"], int(r["stage"])) in keep]
+    detail = [r for r in pd.read_csv(d_file).to_dict("records") if (r["run"], int(r["stage"])) in keep]
+    for r in summary + detail:
+        r["stage"], r["seed"] = int(r["stage"]), int(r["seed"])
+    return detail, summary

@@ -96,11 +96,13 @@ class RunModels:
     """
 
     def __init__(self, run_dir: str | Path, pretrained: str | None = None) -> None:
+        from gradsift.store import RunDir
         from gradsift.train.config import load_config
         from gradsift.train.stages import build_tokenizer
 
-        self.path = Path(run_dir).expanduser()
-        cfg_file = self.path / "config.resolved.yaml"
+        self.layout = RunDir(Path(run_dir))
+        self.path = self.layout.path
+        cfg_file = self.layout.config_file
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{self.path}: no config.resolved.yaml (pass the folder given to "
                                     "`gradsift train --output` / `gradsift run --output`)")
@@ -116,13 +118,13 @@ class RunModels:
         for m in self.config.methods:
             for seed in self.config.seeds:
                 name = f"{m.name}-seed{seed}"
-                if (self.path / name).is_dir():
+                if self.layout.run(name).path.is_dir():
                     out.append((name, m))
         return out
 
     def checkpoints(self, runs: Sequence[str] | None = None, stages: Sequence[int] | None = None) -> list[Checkpoint]:
         """Every finished checkpoint (a ``stage_k/DONE`` marker), runs in config order, stages ascending."""
-        from gradsift.train.stages import last_done_stage
+        from gradsift.store import RunPath
 
         found = []
         known = {name for name, _ in self.runs()}
@@ -133,7 +135,7 @@ class RunModels:
             if runs and name not in runs:
                 continue
             seed = int(name.rsplit("-seed", 1)[1])
-            for k in range(last_done_stage(self.path / name) + 1):
+            for k in range(RunPath(self.path / name).last_done_stage() + 1):
                 if stages is None or k in stages:
                     found.append(Checkpoint(name, m.name, seed, k))
         return found
@@ -165,7 +167,7 @@ class RunModels:
             runs = self.runs()
             if not runs:
                 raise FileNotFoundError(f"{self.path}: no run folder holds the model built from model.config")
-            cache = self.path / runs[0][0] / "base_model"
+            cache = self.layout.run(runs[0][0]).base_model
         return build_base_model(ms, self.tokenizer, cache).eval()
 
     def pretrained_name(self) -> str:
@@ -215,7 +217,9 @@ def held_out_replies(model: nn.Module, tokenizer, eval_cfg: dict[str, Any] | Non
     Prompts: the run's first safety set and first over-refusal set (``eval_cfg``:
     the run config's ``eval`` section; default the package's held-out sets),
     ``n_harmful`` / ``n_benign`` of each drawn with ``seed``. Records
-    ``{"set": "harmful"|"benign", "id", "prompt", "response"}``.
+    ``{"set": "harmful"|"benign", "id", "prompt", "response"}``. An empty reply is kept:
+    its end-of-turn token is still scored (the first reply token, where a model
+    decides to refuse or to answer).
     """
     from gradsift.eval.generation import GenerationConfig, HFGenerator
     from gradsift.eval.runner import load_prompt_set
@@ -228,7 +232,7 @@ def held_out_replies(model: nn.Module, tokenizer, eval_cfg: dict[str, Any] | Non
     for name, items in sets:
         replies = gen.generate([it["prompt"] for it in items], progress=progress)
         records += [{"set": name, "id": str(it["id"]), "prompt": it["prompt"], "response": r}
-                    for it, r in zip(items, replies) if r.strip()]
+                    for it, r in zip(items, replies)]
     return records
 
 
@@ -315,7 +319,10 @@ def kl_rows(model: nn.Module, features: Sequence[dict[str, Any]], sets: Sequence
 
 
 def mechanism_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / MECHANISM_DIR
+    """``<run_dir>/analysis/mechanism/`` (created)."""
+    from gradsift.store import RunDir
+
+    return RunDir(Path(run_dir)).analysis("mechanism")
 
 
 def _device() -> torch.device:
@@ -347,7 +354,7 @@ def drift_study(run_dir: str | Path, *, pretrained: str | None = None, n_harmful
     aligned = rm.aligned().to(device)
     records = held_out_replies(aligned, tok, rm.config.eval, n_harmful, n_benign, max_new_tokens, progress=progress)
     if not records:
-        raise ValueError("the aligned model gave no non-empty reply to measure the drift on")
+        raise ValueError("no held-out prompt to measure the drift on")
     with open(out_dir / REPLIES_FILE, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
