@@ -120,13 +120,14 @@ def tiny_study(tmp_path_factory):
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
     out = root / "study"
-    opts = StudyOptions(subsets=("high", "moderate", "random"), seeds=[0], matched=True, caliper=5.0,
+    opts = StudyOptions(subsets=("high", "moderate", "random"), seeds=[0], matched=True, caliper=5.0, online=True,
+                        train_unbalanced=True,
                         capability=[CapabilitySpec(bench="arc_challenge", path=str(arc), limit=None)])
     run_offline_study(path, out, opts)
     return path, out, opts
 
 
-@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
+@pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
 def test_study_trains_each_subset_alone_and_evaluates_the_aligned_model_once(tiny_study):
     _, out, _ = tiny_study
     scores = pd.read_parquet(out / "scores.parquet")
@@ -146,7 +147,7 @@ def test_study_trains_each_subset_alone_and_evaluates_the_aligned_model_once(tin
     assert (out / "aligned" / "stage_0" / "generations").is_dir()
 
 
-@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
+@pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
 def test_table_values_come_from_the_evaluations(tiny_study):
     _, out, _ = tiny_study
     doc = json.loads((out / "offline_study.json").read_text())
@@ -182,7 +183,7 @@ def test_table_values_come_from_the_evaluations(tiny_study):
     assert {"aligned-seed0", "high-seed0", "moderate-seed0", "random-seed0"} <= {r["run"] for r in top}
 
 
-@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
+@pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
 def test_rerun_skips_finished_subsets(tiny_study, monkeypatch):
     import gradsift.train.stages as stages
     from gradsift.analysis.offline import run_offline_study
@@ -212,13 +213,33 @@ def test_rerun_skips_finished_subsets(tiny_study, monkeypatch):
         run_offline_study(path, out, replace(opts, rho=0.5))
 
 
-@pytest.mark.slow  # one tiny study shared by four tests: about 25 s of CPU
+@pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
+def test_online_arms_use_the_same_rows_and_report_the_kept_lengths(tiny_study):
+    _, out, _ = tiny_study
+    doc = json.loads((out / "offline_study.json").read_text())
+    scores = pd.read_parquet(out / "scores.parquet")
+    for method in ("random", "moderate"):
+        sel = pd.read_parquet(out / "online" / f"{method}-seed0" / "stage_1" / "selection.parquet")
+        assert set(sel["row"]) == set(scores["row"])  # the online rule saw the rows the subsets came from
+        kept = sel[sel["kept"]]
+        assert doc["lengths"][f"online_{method}"]["0"]["kept_response_len"] == pytest.approx(kept["response_len"].mean())
+    subset = json.loads((out / "subsets.json").read_text())["subsets"]["moderate"]["0"]
+    want = scores.set_index("row").loc[subset, "n_response_tokens"].mean()
+    assert doc["lengths"]["moderate"]["0"]["kept_response_len"] == pytest.approx(want)
+    pairs = {(t["a"], t["b"]) for t in doc["tests"]}
+    assert ("online_moderate", "online_random") in pairs and ("moderate", "random") in pairs
+    # the online runs start from the aligned model evaluated once
+    assert not (out / "online" / "moderate-seed0" / "stage_0" / "generations").exists()
+
+
+@pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
 def test_report_shows_the_study(tiny_study):
     from gradsift.report.html import build_report
 
     _, out, _ = tiny_study
     html = build_report(out).read_text()
     assert 'id="offline-study"' in html and "Moderate-G_i" in html and "SMD" in html
+    assert 'id="online-offline"' in html and 'id="offline-study-plot"' in html
 
 
 def test_cli_bad_capability_is_one_line(tmp_path):

@@ -33,6 +33,8 @@ def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
                                      "loss and reference perplexity"),
         caliper: float = typer.Option(0.2, help="matching caliper, in standard deviations of each covariate"),
         match_pool: float = typer.Option(1 / 3, help="size of the High and the Moderate matching pools (fraction)"),
+        train_unbalanced: bool = typer.Option(False, "--train-unbalanced", help="fine-tune the matched pair "
+                                              "even when matching cannot balance a covariate"),
         reference_model: str = typer.Option("auto", help="model whose response perplexity is a matching "
                                             "covariate: auto (the base of a built-in organism), none, or a model"),
         capability: Optional[list[str]] = typer.Option(None, "--capability", help="held-out capability of the "
@@ -57,6 +59,7 @@ def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
             names = tuple(s.strip() for s in subsets.split(",") if s.strip())
             opts = StudyOptions(rho=rho, subsets=names, seeds=list(seeds) if seeds else None, task_index=task,
                                 matched=matched, caliper=caliper, match_pool=match_pool,
+                                train_unbalanced=train_unbalanced,
                                 reference_model=reference_model,
                                 capability=[parse_capability(c, capability_limit) for c in capability or []],
                                 online=online)

@@ -95,6 +95,7 @@ class StudyOptions:
     match_pool: float = 1 / 3
     caliper: float = 0.2
     match_covariates: tuple[str, ...] = ("n_response_tokens", "L", "ref_L")
+    train_unbalanced: bool = False  # fine-tune the matched pair even when matching could not balance it
     reference_model: str | None = "auto"  # auto: the unaligned base of a built-in organism, else none
     capability: list[Any] = field(default_factory=list)  # selectivity.CapabilitySpec
     online: bool = False
@@ -376,11 +377,14 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
         if "ref_L" in options.match_covariates and "ref_L" not in scores.columns:
             match_info["notes"].append("no reference model: perplexity is matched through the aligned model's "
                                        "loss L (log-perplexity of the response)")
-        subsets["matched_high"] = {s: result.high_rows for s in seeds}
-        subsets["matched_moderate"] = {s: result.moderate_rows for s in seeds}
+        if result.balanced or options.train_unbalanced:
+            subsets["matched_high"] = {s: result.high_rows for s in seeds}
+            subsets["matched_moderate"] = {s: result.moderate_rows for s in seeds}
         if not result.balanced:
+            trained = "trained anyway" if options.train_unbalanced else "not trained"
+            match_info["notes"].append(f"matching could not balance the covariates: the matched subsets were {trained}")
             console.print(f"[yellow]matching could not balance {', '.join(result.unbalanced) or 'the pairs'}: "
-                          "the matched subsets are trained, and the report prints no matched effect[/]")
+                          f"no matched effect is reported; the matched subsets are {trained}[/]")
     (out / SUBSETS_FILE).write_text(json.dumps(
         {"rho": options.rho, "n_rows": len(scores),
          "subsets": {n: {str(s): r for s, r in by_seed.items()} for n, by_seed in subsets.items()},
@@ -542,7 +546,8 @@ def study_tables(out: str | Path) -> dict[str, Any]:
     standard deviation over seeds of the evaluation's value, and a 95% bootstrap
     interval over prompts (of the per-prompt values averaged over seeds); per pair of
     :data:`COMPARISONS`: the paired test on the same prompts (exact McNemar on a
-    single seed's binary outcomes, else a paired bootstrap of the per-prompt means).
+    single seed's binary outcomes, else a paired bootstrap of the per-prompt means; task
+    scores always by the paired bootstrap).
     """
     from gradsift.analysis import stats
 
@@ -601,7 +606,8 @@ def study_tables(out: str | Path) -> dict[str, Any]:
                 continue
             ma = np.array([[o.get(key, {}).get(i, math.nan) for i in ids] for o in pa.values()], dtype=float)
             mb = np.array([[o.get(key, {}).get(i, math.nan) for i in ids] for o in pb.values()], dtype=float)
-            single = ma.shape[0] == 1 and mb.shape[0] == 1 and _binary(ma) and _binary(mb)
+            single = (ma.shape[0] == 1 and mb.shape[0] == 1 and metric != "score"
+                      and _binary(ma) and _binary(mb))
             with np.errstate(all="ignore"):
                 va, vb = np.nanmean(ma, axis=0), np.nanmean(mb, axis=0)
             res = stats.compare(va, vb, kind="binary" if single else "continuous")
@@ -711,6 +717,8 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for arm in arm_order(doc):
+        if arm.startswith("matched_") and not _matched_ok(doc):
+            continue  # unbalanced: no matched effect is printed (the diagnostics below say why)
         cells = [LABELS.get(arm, arm)]
         for t, m in cols:
             r = cell.get((arm, t, m))
