@@ -233,7 +233,7 @@ def get_text(row: Mapping[str, Any], field: str, file: str, index: int, *, allow
     return value
 
 
-def _optional_text(row: Mapping[str, Any], field: str, file: str, index: int) -> str:
+def optional_text(row: Mapping[str, Any], field: str, file: str, index: int) -> str:
     """A column that may be missing or null (read as ''); when present it must be a string."""
     value = row.get(field)
     if value is None:
@@ -325,7 +325,7 @@ def normalize_row(
         used = {prompt_field, response_field}
     elif layout == "alpaca":
         instruction = get_text(row, "instruction", file, index)
-        extra = _optional_text(row, "input", file, index)
+        extra = optional_text(row, "input", file, index)
         response = get_text(row, "output", file, index)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
@@ -333,7 +333,7 @@ def normalize_row(
     else:
         raise ValueError(f"unknown layout {layout!r}")
     if system_field is not None:
-        system = _optional_text(row, system_field, file, index)
+        system = optional_text(row, system_field, file, index)
         used.add(system_field)
         if system.strip():
             if messages[0]["role"] == "system":

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gradsift.data.records import FILE_SUFFIXES, RecordError, get_text, read_rows
+from gradsift.data.records import FILE_SUFFIXES, RecordError, get_text, optional_text, read_rows
 from gradsift.tasks.registry import Task, held_out, register_task, sample_indices
 
 UNANSWERABLE = "unanswerable"
@@ -93,18 +93,9 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _optional(row: Mapping, key: str, file: str, index: int) -> str:
-    value = row.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise RecordError(file, f"expected a string, got {type(value).__name__}", row=index, field=key)
-    return value
-
-
 def convert_dolly(row: Mapping, file: str, index: int) -> Converted:
     instruction = get_text(row, "instruction", file, index)
-    context = _optional(row, "context", file, index)
+    context = optional_text(row, "context", file, index)
     response = get_text(row, "response", file, index)
     user = instruction + (f"\n\nContext:\n{context}" if context.strip() else "")
     return Converted(_user(user), response, response, frozenset({"instruction", "context", "response"}))
@@ -145,7 +136,7 @@ def convert_medmcqa(row: Mapping, file: str, index: int, *, with_explanation: bo
     lines = "\n".join(f"{ltr}. {opt}" for ltr, opt in zip(MCQ_LETTERS, options))
     user = f"{question}\n\n{lines}\n\nAnswer with the letter of the correct option."
     response = letter
-    explanation = _optional(row, "exp", file, index)
+    explanation = optional_text(row, "exp", file, index)
     if with_explanation and explanation.strip():
         response = f"{letter}\n\nExplanation: {explanation.strip()}"
     used = {"question", "opa", "opb", "opc", "opd", "cop", "exp"}
@@ -212,7 +203,7 @@ def flatten_squad(rows: list[dict], file: str) -> list[dict]:
 
 def convert_alpaca(row: Mapping, file: str, index: int) -> Converted:
     instruction = get_text(row, "instruction", file, index)
-    extra = _optional(row, "input", file, index)
+    extra = optional_text(row, "input", file, index)
     output = get_text(row, "output", file, index)
     user = instruction + (f"\n\n{extra}" if extra.strip() else "")
     return Converted(_user(user), output, output, frozenset({"instruction", "input", "output", "text"}))
