@@ -346,3 +346,192 @@ def test_model_with_input_require_grads_hook():
     G, _ = per_sample_grad_norms(model, batch)
     G_ref, _ = naive_grad_norms(model, batch)
     torch.testing.assert_close(G.double(), G_ref.double(), rtol=RTOL, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- dispatch that cannot be fooled
+class _Tiny(nn.Module):
+    """emb -> layer -> head, with the layers under test swapped in."""
+
+    def __init__(self, emb=None, mid=None, norm=None):
+        super().__init__()
+        self.emb = emb or nn.Embedding(V, 16, padding_idx=2)
+        self.mid = mid or nn.Linear(16, 16)
+        self.norm = norm or nn.LayerNorm(16)
+        self.head = nn.Linear(16, V, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.mid(h)).cumsum(1) / 4
+        return type("Out", (), {"logits": self.head(self.norm(h))})()
+
+
+def _exact(model, batch=None, expect_fallback=None, **kw):
+    batch = batch or make_batch(seed=11)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GhostNormEngine(model, params="all", **kw) as eng:
+            eng.forward(batch)
+            G = eng.backward()
+            fallback = [eng.param_names[id(p)] for p in eng.fallback]
+    G_ref, _ = naive_grad_norms(model, batch)
+    assert_close(G, G_ref)
+    if expect_fallback is not None:
+        assert sorted(fallback) == sorted(expect_fallback), fallback
+    return fallback, [str(w.message) for w in caught]
+
+
+import warnings  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from gradsift.norms.rules import NormRule, TracedLinearRule, find_rule, register_rule  # noqa: E402
+
+
+class DoubledLinear(nn.Linear):  # a subclass that changes the math but still calls F.linear
+    def forward(self, x):
+        return 2.0 * F.linear(x, self.weight, self.bias)
+
+
+class MatmulLinear(nn.Linear):  # a subclass that does not call F.linear at all
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ScaledEmbedding(nn.Embedding):  # Gemma-style: the lookup times a scale, inside forward
+    def forward(self, ids):
+        return super().forward(ids) * 4.0
+
+
+class NormalizedWeightEmbedding(nn.Embedding):  # looks up rows of a function of the weight
+    def forward(self, ids):
+        return F.embedding(ids, F.normalize(self.weight, dim=-1), self.padding_idx)
+
+
+class OnePlusLayerNorm(nn.LayerNorm):  # a LayerNorm subclass with (1 + w), like Gemma's norms
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, 1.0 + self.weight, self.bias, self.eps)
+
+
+class SquaredRMSNorm(nn.Module):  # "a norm" by name, but not affine in its weight
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.5 + 1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight.pow(2)
+
+
+def test_subclass_dispatch_by_exact_type():
+    assert find_rule(DoubledLinear(4, 4)) is TracedLinearRule  # proven on every F.linear call
+    assert find_rule(OnePlusLayerNorm(4)) is NormRule  # proven by the affine probe
+    assert find_rule(SquaredRMSNorm(4)) is None
+    assert find_rule(MatmulLinear(4, 4)) is TracedLinearRule  # tried, then sent to the fallback at its call
+    torch.manual_seed(0)
+    _exact(_Tiny(mid=DoubledLinear(16, 16)), expect_fallback=[])
+    fb, msgs = _exact(_Tiny(mid=MatmulLinear(16, 16)), expect_fallback=["mid.weight", "mid.bias"])
+    assert any("mid (MatmulLinear)" in m for m in msgs), msgs
+
+
+def test_scaled_and_reparametrized_embeddings():
+    torch.manual_seed(0)
+    _exact(_Tiny(emb=ScaledEmbedding(V, 16, padding_idx=2)), expect_fallback=[])
+    _exact(_Tiny(emb=NormalizedWeightEmbedding(V, 16, padding_idx=2)), expect_fallback=["emb.weight"])
+    # tied to the head: the scale is in the cross term too
+    m = _Tiny(emb=ScaledEmbedding(V, 16, padding_idx=2))
+    m.head.weight = m.emb.weight
+    _exact(m, expect_fallback=[])
+
+
+def test_norm_layers_proven_or_fallback():
+    torch.manual_seed(0)
+    m = _Tiny(norm=OnePlusLayerNorm(16))
+    nn.init.normal_(m.norm.weight, 0.0, 0.3)
+    _exact(m, expect_fallback=[])
+    _exact(_Tiny(norm=SquaredRMSNorm(16)), expect_fallback=["norm.weight"])
+
+
+def test_register_rule_by_type(monkeypatch):
+    from gradsift.norms import rules
+
+    monkeypatch.setattr(rules, "REGISTRY", dict(rules.REGISTRY))
+    register_rule(DoubledLinear, None)  # always the exact fallback
+    assert find_rule(DoubledLinear(4, 4)) is None
+    register_rule(ScaledEmbedding, rules.EmbeddingRule)
+    assert find_rule(ScaledEmbedding(4, 4)) is rules.EmbeddingRule
+    with pytest.raises(TypeError):
+        register_rule(DoubledLinear, object)
+
+
+def test_parameter_used_outside_its_module_goes_to_the_fallback():
+    """Mamba's mixer reads dt_proj.weight itself: the Linear rule would never see that use."""
+
+    class Reader(_Tiny):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.emb(input_ids)
+            h = h + torch.tanh(self.mid(h) + F.linear(h.flip(-1), self.mid.weight)).cumsum(1) / 4
+            return type("Out", (), {"logits": self.head(self.norm(h))})()
+
+    torch.manual_seed(0)
+    fb, msgs = _exact(Reader(), expect_fallback=["mid.weight", "mid.bias"])
+    assert any("used outside its forward" in m for m in msgs)
+
+
+def test_token_flattened_and_gathered_rows():
+    """(B*T, d) rows flattened in order are mapped back to samples; a gathered subset goes to the fallback."""
+
+    class Flat(_Tiny):
+        def __init__(self, gather):
+            super().__init__()
+            self.gather = gather
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.emb(input_ids)
+            B, T, d = h.shape
+            flat = h.reshape(B * T, d)
+            if self.gather:  # an expert called on the tokens routed to it
+                idx = (input_ids.reshape(-1) % 3 == 0).nonzero().flatten()
+                out = torch.zeros_like(flat).index_add(0, idx, torch.tanh(self.mid(flat[idx])))
+            else:
+                out = torch.tanh(self.mid(flat))
+            h = h + out.reshape(B, T, d).cumsum(1) / 4
+            return type("Out", (), {"logits": self.head(self.norm(h))})()
+
+    torch.manual_seed(0)
+    _exact(Flat(gather=False), expect_fallback=[])
+    fb, msgs = _exact(Flat(gather=True), expect_fallback=["mid.weight", "mid.bias"])
+    assert any("mid (Linear)" in m and "rows" in m for m in msgs), msgs
+    with pytest.raises(NotImplementedError, match=r"mid \(Linear\)"):
+        per_sample_grad_norms(Flat(gather=True), make_batch(seed=11), strict=True)
+
+
+def test_fallback_kept_gradient_without_per_sample_buffers(monkeypatch):
+    """The fallback's kept gradient is exact and no (B, *param) buffer is allocated; huge parameters are refused."""
+    from gradsift.norms import engine as engine_mod
+    from gradsift.norms import response_losses
+
+    torch.manual_seed(0)
+    model = _Tiny(mid=MatmulLinear(16, 16))
+    batch = make_batch(seed=12)
+    kept = torch.tensor([1, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GhostNormEngine(model, params="all", keep_grads=True) as eng:
+            eng.forward(batch)
+            eng.backward()
+            assert not eng._fallback_grads
+            for p in model.parameters():
+                p.grad = None
+            eng.accumulate_grad(kept, scale=0.5)
+            fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    sub = {k: v[kept] for k, v in batch.items()}
+    out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"])
+    response_losses(out.logits, sub["labels"]).mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-7)
+    monkeypatch.setattr(engine_mod, "FALLBACK_MAX_NUMEL", 100)
+    with pytest.raises(ValueError, match=r"mid\.weight .*params='trainable'"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_sample_grad_norms(model, batch)

@@ -31,12 +31,19 @@ import torch
 from torch import nn
 
 from gradsift.losses import causal_lm_losses, loss_positions, response_losses  # noqa: F401 (re-exported)
-from gradsift.norms.rules import Call, EmbeddingRule, LinearRule, Rule, find_rule
-from gradsift.norms.rules.base import add_grad, hooks_suspended
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from gradsift.norms.rules import Call, EmbeddingRule, LinearRule, NormRule, Rule, dispatch
+from gradsift.norms.rules.base import NotCovered, add_grad, hooks_suspended, set_batch_tokens, suspend_hooks
 from gradsift.norms.rules.embedding import embedding_sq_norms
 from gradsift.norms.rules.linear import GramCache, gram_or_materialize
 
 ParamSet = Literal["all", "trainable"]
+
+# the largest parameter the exact per-sample fallback takes (it runs one backward pass per
+# sample through it); a larger one is refused with a message suggesting params="trainable"
+FALLBACK_MAX_NUMEL = 2**28
 
 # fp16 loss scaling of the scoring backward (dynamic, as torch.amp.GradScaler): the first
 # scale, its bounds, the factor a scale that overflowed is divided by (the batch is then
@@ -100,8 +107,82 @@ def _eager(model: nn.Module):
             where[key] = value
 
 
+class _Tracer(TorchFunctionMode):
+    """Inside one module's forward: captures the traced calls on the module's own parameters.
+
+    A call of one of the rule's traced functions that uses the parameters in the
+    slots the rule reads (``F.embedding(ids, self.weight)``) is captured; a
+    parameter used by any other function (read as ``self.weight.dtype`` aside)
+    is a failure, reported when the forward ends.
+    """
+
+    def __init__(self, engine: "GhostNormEngine", module: nn.Module, group: "_Group"):
+        super().__init__()
+        self.engine, self.module, self.group = engine, module, group
+        self.rule = group.rule_for(module)
+        self.params = {id(p): (n, p) for n, p in module._parameters.items() if p is not None}
+        self.failure: str | None = None
+        self.rooted = False
+        self.func = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.failure is not None:
+            return func(*args, **kwargs)
+        used = {self.params[id(a)][0] for a in tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor) and id(a) in self.params and self.params[id(a)][1] is a}
+        if not used:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        if name == "__get__" and not isinstance(out, torch.Tensor):
+            return out  # an attribute read (dtype, device, shape)
+        if func in self.rule.traced and self.rule.traced_params(func, args, kwargs) == used:
+            self.func = func
+            try:
+                return self.engine._capture_traced(self, args, kwargs, out)
+            except NotCovered as e:
+                self.failure = str(e)
+                return out
+        self.failure = f"its forward uses {', '.join(sorted(used))} in {name}(), which no rule covers"
+        return out
+
+
+class _Usage(TorchFunctionMode):
+    """During the scoring forward: a parameter of a group used outside the forward of its own module(s).
+
+    (Mamba's mixer reads ``self.dt_proj.weight`` itself; a model may compute its
+    logits with ``F.linear(h, self.embed_tokens.weight)``.) The rule of that
+    module never sees such a use, so the group is sent to the exact fallback.
+    """
+
+    def __init__(self, engine: "GhostNormEngine"):
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        eng = self.engine
+        if torch.is_grad_enabled() and not hooks_suspended():
+            for a in tree_leaves((args, kwargs)):
+                if isinstance(a, torch.Tensor) and id(a) in eng._owner_group:
+                    group, pname = eng._owner_group[id(a)]
+                    if group.demoted or any(eng._running.get(m, 0) for m in group.modules):
+                        continue
+                    out = func(*args, **kwargs)
+                    if getattr(func, "__name__", "") == "__get__" and not isinstance(out, torch.Tensor):
+                        return out
+                    eng._demote(group, group.modules[0], f"its parameter {pname} is used outside its forward "
+                                f"(by {getattr(func, '__name__', func)}())")
+                    return out
+        return func(*args, **kwargs)
+
+
 class _Group:
     """Parameters whose per-sample gradients are computed together: one module, or a tied pair."""
+
+    provisional = False  # every call is checked; a failed check demotes the group to the fallback
+    demoted = False
 
     def __init__(self, rule: Rule, names: set[str], trainable: set[str]):
         self.rule = rule
@@ -198,8 +279,8 @@ class _TiedGroup(_Group):
             out, H, M_of = torch.zeros(batch_size, dtype=torch.float32, device=ids.device), None, {}
         if self.emb_calls and "weight" in self.names:
             ids, b = self.emb.factors(self.emb_calls, batch_size)
-            valid = self.emb._valid(ids)
-            out += embedding_sq_norms(ids, b, valid, self.emb.module.num_embeddings).to(out.device)
+            valid = self.emb.valid(self.emb_calls)
+            out += embedding_sq_norms(ids, b, valid, self.emb.module.weight.shape[0]).to(out.device)
             if M_of:
                 M = torch.cat([M_of[id(c)] for c in self.emb_calls], dim=2)
                 # cross term 2 <D^T H, E> = 2 sum_{t,s} D[t, x_s] <h_t, b_s>
@@ -284,6 +365,7 @@ class GhostNormEngine:
     def _plan(self, strict: bool) -> None:
         named = list(self.model.named_parameters())  # shared parameters appear once
         self.param_names = {id(p): n for n, p in named}
+        self.module_names = {m: n for n, m in self.model.named_modules()}
         if self.params == "all":
             target = {id(p) for _, p in named}
         else:
@@ -292,14 +374,15 @@ class GhostNormEngine:
             raise ValueError("no parameter to score: the model has no trainable parameter (use params='all')")
         self.target = target
         self.trainable_ids = {id(p) for _, p in named if p.requires_grad}
+        self._strict = strict
 
         owners: dict[int, list[tuple[nn.Module, type[Rule], str]]] = {}
-        module_rules: dict[nn.Module, type[Rule]] = {}
+        module_rules: dict[nn.Module, tuple[type[Rule], bool]] = {}
         for _, module in self.model.named_modules():
-            rule_cls = find_rule(module)
+            rule_cls, provisional = dispatch(module)
             if rule_cls is None:
                 continue
-            module_rules[module] = rule_cls
+            module_rules[module] = (rule_cls, provisional)
             for pname in rule_cls.param_names:
                 p = module._parameters.get(pname)
                 if p is not None:
@@ -320,10 +403,11 @@ class GhostNormEngine:
                     names = {n for n in ("weight", "bias") if (q := head._parameters.get(n)) is not None and id(q) in target}
                     train = {n for n in names if id(head._parameters[n]) in self.trainable_ids}
                     g = _TiedGroup(LinearRule(head), EmbeddingRule(emb), names, train)
+                    g.provisional = module_rules[head][1] or module_rules[emb][1]
                     self.groups.append(g)
                     self.group_of[head] = self.group_of[emb] = g
                     covered.update(id(q) for q in head._parameters.values() if q is not None)
-        for module, rule_cls in module_rules.items():
+        for module, (rule_cls, provisional) in module_rules.items():
             if module in self.group_of:
                 continue
             own = {n: p for n, p in module._parameters.items() if p is not None}
@@ -331,7 +415,11 @@ class GhostNormEngine:
             if not names:
                 continue
             train = {n for n in names if id(own[n]) in self.trainable_ids}
-            g = _Group(rule_cls(module), names, train)
+            rule = rule_cls(module)
+            if isinstance(rule, NormRule) and provisional:
+                rule.check_calls = True
+            g = _Group(rule, names, train)
+            g.provisional = provisional
             self.groups.append(g)
             self.group_of[module] = g
             covered.update(id(own[n]) for n in names)
@@ -342,6 +430,7 @@ class GhostNormEngine:
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             if strict:
                 raise NotImplementedError(f"no per-sample norm rule for parameters: {shown}")
+            self._check_fallback_size(self.fallback)
             warnings.warn(
                 f"gradsift: no per-sample norm rule for {shown}; their per-sample gradients are computed "
                 "exactly with one extra backward pass per sample (slower)",
@@ -352,37 +441,171 @@ class GhostNormEngine:
         for g in self.groups:
             if not isinstance(g, _TiedGroup) and isinstance(g.rule, LinearRule) and "weight" in g.names:
                 g.rule.gram_cache = self._gram_cache
+        # the parameters of the groups whose every call is checked keep requires_grad in the forward
+        # pass, so that a failed check can send them to the fallback in the same pass
+        self._provisional = {id(p) for g in self.groups if g.provisional for m in g.modules
+                             for n, p in m._parameters.items() if p is not None and id(p) in target}
+        self._fallback_L: torch.Tensor | None = None
         # hook every module of a group, and every embedding (the roots of the backward pass)
         hooked = set(self.group_of)
         for _, module in self.model.named_modules():
             if isinstance(module, nn.Embedding):
                 hooked.add(module)
+        self._tracers: dict[nn.Module, list] = {}
+        self._running: dict[nn.Module, int] = {}
+        self._owner_group: dict[int, tuple[_Group, str]] = {}
+        for g in self.groups:
+            for m in g.modules:
+                for n, p in m._parameters.items():
+                    if p is not None and id(p) in target:
+                        self._owner_group[id(p)] = (g, self.param_names.get(id(p), n))
+        self._proving = True  # until a first forward has proven the plan (every group's parameters checked)
         for module in hooked:
-            self._handles.append(module.register_forward_hook(self._forward_hook))
+            self._handles.append(module.register_forward_pre_hook(self._module_start))
+            self._handles.append(module.register_forward_hook(self._forward_hook, always_call=True))
+        self._usage: _Usage | None = None
+        self._handles.append(self.model.register_forward_pre_hook(self._model_start))
+        self._handles.append(self.model.register_forward_hook(self._model_end, always_call=True))
+
+    def _model_start(self, module, args):
+        if self._active and self._usage is None:
+            self._usage = _Usage(self)
+            self._usage.__enter__()
+
+    def _model_end(self, module, args, output):
+        if self._usage is not None:
+            usage, self._usage = self._usage, None
+            usage.__exit__(None, None, None)
+            if self._active:
+                self._proving = False
+
+    def _check_fallback_size(self, params: list[torch.Tensor]) -> None:
+        """The fallback runs one backward per sample through each parameter: refuse a huge one."""
+        big = [p for p in params if p.numel() > FALLBACK_MAX_NUMEL]
+        if big:
+            p = max(big, key=lambda q: q.numel())
+            raise ValueError(
+                f"no per-sample norm rule for {self.param_names[id(p)]} ({p.numel() / 1e6:.0f}M elements, "
+                f"{type(self._owner_of(p)).__name__}): the exact per-sample fallback would run one backward pass "
+                f"per sample through it; score params='trainable' (e.g. LoRA adapters) instead, or raise "
+                f"gradsift.norms.engine.FALLBACK_MAX_NUMEL ({FALLBACK_MAX_NUMEL})"
+            )
+
+    def _owner_of(self, p: torch.Tensor) -> nn.Module | None:
+        for m in self.module_names:
+            if any(q is p for q in m._parameters.values()):
+                return m
+        return None
+
+    def _forward_grad_ids(self, input_ids: torch.Tensor) -> set[int]:
+        """Called at the start of each forward: the parameters that keep requires_grad during it.
+
+        The first forward keeps every scored parameter's, so that whatever fails a check
+        there (a parameter used outside its module) can still go to the fallback.
+        """
+        set_batch_tokens(input_ids.shape[-1] if input_ids.dim() == 2 else None)
+        if self._proving:
+            return {id(p) for p in self.fallback} | set(self._owner_group)
+        return {id(p) for p in self.fallback} | self._provisional
+
+    def _demote(self, group: _Group, module: nn.Module, reason: str) -> None:
+        """A group whose rule cannot take a call: its parameters go to the exact fallback from now on."""
+        name = self.module_names.get(module, "?")
+        where = f"{name} ({type(module).__name__})"
+        if not (group.provisional or self._proving):
+            raise NotImplementedError(
+                f"gradsift: no exact per-sample norm for {where}: {reason}. Send this layer type to the exact "
+                f"fallback with gradsift.norms.register_rule({type(module).__name__}, None), or score "
+                "params='trainable'"
+            )
+        if self._strict:
+            raise NotImplementedError(f"no per-sample norm rule for {where}: {reason}")
+        group.demoted = True
+        group.calls_for(module).clear()
+        if group in self.groups:
+            self.groups.remove(group)
+        for m in group.modules:
+            if self.group_of.get(m) is group:
+                del self.group_of[m]
+        params = [p for m in group.modules for p in m._parameters.values()
+                  if p is not None and id(p) in self.target and all(p is not q for q in self.fallback)]
+        self._check_fallback_size(params)
+        self.fallback.extend(params)
+        warnings.warn(f"gradsift: {where}: {reason}; its parameters go to the exact per-sample fallback "
+                      "(one extra backward pass per sample)", stacklevel=2)
 
     # ------------------------------------------------------------------ hooks
+    def _module_start(self, module, args):
+        if not self._active or hooks_suspended() or not torch.is_grad_enabled():
+            return None
+        self._running[module] = self._running.get(module, 0) + 1
+        group = self.group_of.get(module)
+        if group is None or not group.rule_for(module).traced:
+            return None
+        tracer = _Tracer(self, module, group)
+        tracer.__enter__()
+        self._tracers.setdefault(module, []).append(tracer)
+        return None
+
+    def _capture_traced(self, tracer: "_Tracer", args, kwargs, out):
+        """A traced call (F.embedding / F.linear on the module's own weight): capture it, hook its output."""
+        group, module, rule = tracer.group, tracer.module, tracer.rule
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise NotCovered(f"{getattr(tracer.func, '__name__', tracer.func)} returned no floating tensor")
+        if not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        with suspend_hooks():  # the rule's own reads of the parameters are no use by the model
+            ctx, out = rule.capture_traced(args, kwargs, out, self._B)
+        call = Call(ctx)
+        group.calls_for(module).append(call)
+        out.register_hook(lambda g, group=group, call=call: self._on_grad(group, call, g))
+        if isinstance(rule, EmbeddingRule):
+            tracer.rooted = True
+            return self._root(out)  # a lookup: a root of the backward pass
+        return out
+
+    def _root(self, t: torch.Tensor) -> torch.Tensor:
+        """Make ``t`` a root of the backward pass; the model goes on with a copy of it, so that an in-place
+        change (CTRL scales its embeddings with ``*=``) cannot move the root past its hooks."""
+        self._roots.append(t)
+        return t.clone()
+
     def _forward_hook(self, module, args, output):
+        if self._running.get(module, 0) > 0:
+            self._running[module] -= 1
+        tracer = None
+        stack = self._tracers.get(module)
+        if stack:
+            tracer = stack.pop()
+            tracer.__exit__(None, None, None)
+            if tracer.failure is not None and not getattr(tracer.group, "demoted", False):
+                self._demote(tracer.group, module, tracer.failure)
         if not self._active or hooks_suspended() or not torch.is_grad_enabled():
             return None
         if not isinstance(output, torch.Tensor):
             return None
         out = output
-        if isinstance(module, nn.Embedding) and out.grad_fn is None:
-            # frozen embedding: its output is a root of the backward pass (already a leaf that
-            # requires grad when the model called enable_input_require_grads)
+        if isinstance(module, nn.Embedding) and not (tracer is not None and tracer.rooted and tracer.failure is None):
+            # an embedding no rule traced (frozen, or in the fallback): its output is a root of the backward
+            # pass (already a leaf that requires grad when the model called enable_input_require_grads)
             if not out.requires_grad:
                 out = out.detach().requires_grad_(True)
-            self._roots.append(out)
+            out = self._root(out)
         group = self.group_of.get(module)
-        if group is not None and out.requires_grad:
-            ctx, out = group.rule_for(module).capture(args, out, self._B)
+        if tracer is None and group is not None and out.requires_grad:
+            try:
+                with suspend_hooks():  # the rule's own reads of the parameters are no use by the model
+                    ctx, out = group.rule_for(module).capture(args, out, self._B)
+            except NotCovered as e:
+                self._demote(group, module, str(e))
+                return out if out is not output else None
             call = Call(ctx)
             group.calls_for(module).append(call)
             out.register_hook(lambda g, group=group, call=call: self._on_grad(group, call, g))
         return out if out is not output else None
 
     def _on_grad(self, group: _Group, call: Call, grad: torch.Tensor) -> None:
-        if self._ignore_grads:
+        if self._ignore_grads or getattr(group, "demoted", False):
             return
         call.grad = grad.detach()
         group.received += 1
@@ -440,7 +663,7 @@ class GhostNormEngine:
         self._B = input_ids.shape[0]
         self._was_training = self.model.training
         self.model.eval()  # no dropout while scoring
-        keep = {id(p) for p in self.fallback}
+        keep = self._forward_grad_ids(input_ids)
         saved = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in saved:
             p.requires_grad_(id(p) in keep)
@@ -525,6 +748,8 @@ class GhostNormEngine:
 
             self._verified = True
             group_sq = {k: v / scale**2 for k, v in record.items()}
+            if self.fallback:
+                group_sq["fallback"] = self._fallback_sq.detach().double().cpu() / scale**2
             self.verify_seconds = check_first_batch(self, self._batch, mask, group_sq, self._sq.detach().double().cpu(),
                                                     self._compute_dtype, loss_scale=scale)
         return self._sq.clamp_min(0).sqrt()
@@ -537,26 +762,31 @@ class GhostNormEngine:
         total = (scaled * mask).sum()
         if self.fallback:
             self._fallback_pass(scaled, mask)
+            self._fallback_sq = self._sq.clone()  # the fallback's share (for the self-check)
         self._ignore_grads = False
-        torch.autograd.grad(total, self._roots, allow_unused=True)
+        torch.autograd.grad(total, self._roots, allow_unused=True, retain_graph=self._fallback_L is not None)
         for g in self.groups:
             if g.received != -1 and g.all_calls():
                 self._finalize(g)
 
     def _fallback_pass(self, L: torch.Tensor, mask: torch.Tensor) -> None:
+        """Exact per-sample squared norms of the parameters no rule covers: one backward per sample.
+
+        No per-sample gradient is kept: with ``keep_grads`` the graph is kept
+        instead (until the next batch), and ``accumulate_grad`` backpropagates the
+        kept samples' summed loss through these parameters only, so no buffer
+        grows as B x a parameter's size.
+        """
         self._ignore_grads = True
         try:
-            store = self.keep_grads and any(id(p) in self.trainable_ids for p in self.fallback)
-            per_sample = [torch.zeros((self._B, *p.shape), dtype=torch.float32) for p in self.fallback] if store else []
-            for i in mask.nonzero().flatten().tolist():
-                grads = torch.autograd.grad(L[i], self.fallback, retain_graph=True, allow_unused=True)
-                for k, g in enumerate(grads):
-                    if g is None:
-                        continue
-                    self._sq[i] += g.float().pow(2).sum().to(self._sq.device)
-                    if store:
-                        per_sample[k][i] = g.float().cpu()
-            self._fallback_grads = {id(p): t for p, t in zip(self.fallback, per_sample)}
+            with _requiring_grad(self.fallback):  # as they did in the forward pass
+                for i in mask.nonzero().flatten().tolist():
+                    grads = torch.autograd.grad(L[i], self.fallback, retain_graph=True, allow_unused=True)
+                    for g in grads:
+                        if g is not None:
+                            self._sq[i] += g.float().pow(2).sum().to(self._sq.device)
+            trainable = [p for p in self.fallback if id(p) in self.trainable_ids]
+            self._fallback_L = L if self.keep_grads and trainable else None
         finally:
             self._ignore_grads = False
 
@@ -578,10 +808,18 @@ class GhostNormEngine:
         for g in self.groups:
             if g.trainable:
                 g.accumulate(index.to(_device_of(g)), scale)
-        for p in self.fallback:
-            t = self._fallback_grads.get(id(p))
-            if t is not None:
-                add_grad(p, scale * t[index.cpu()].sum(dim=0))
+        trainable = [p for p in self.fallback if id(p) in self.trainable_ids]
+        if trainable and self._fallback_L is not None:
+            L = self._fallback_L
+            self._ignore_grads = True
+            try:
+                grads = torch.autograd.grad(L[index.to(L.device)].sum() * scale, trainable, retain_graph=True,
+                                            allow_unused=True)
+            finally:
+                self._ignore_grads = False
+            for p, g in zip(trainable, grads):
+                if g is not None:
+                    add_grad(p, g)
 
     def clear(self) -> None:
         """Drop everything captured for the last batch."""
@@ -591,6 +829,7 @@ class GhostNormEngine:
         self._roots = []
         self._graph_loss = None
         self._fallback_grads = {}
+        self._fallback_L = None
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -604,6 +843,19 @@ class GhostNormEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def _requiring_grad(params: list[torch.Tensor]):
+    """Parameters that required grad in the forward pass (the fallback's) do so again while differentiated."""
+    saved = [(p, p.requires_grad) for p in params]
+    for p, _ in saved:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
 
 
 def _device_of(group: _Group) -> torch.device:

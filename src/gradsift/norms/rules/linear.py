@@ -9,6 +9,7 @@ cheaper one is chosen per call, from the actual T. Bias: ||sum_t g_t||^2.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd, cat_time
@@ -86,10 +87,6 @@ class LinearRule(Rule):
     mode = "auto"  # "ghost", "materialize" or "auto" (per call, by cost)
     gram_cache: GramCache | None = None  # set by the engine to share input Grams
 
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and set(module._parameters) <= {"weight", "bias"}
-
     def capture(self, args, output, batch_size):
         A = as_btd(args[0].detach(), batch_size)
         if self.gram_cache is not None:
@@ -108,8 +105,15 @@ class LinearRule(Rule):
             shared = self.gram_cache if len(calls) == 1 and A.dtype == calls[0].ctx["A"].dtype else None
             out += gram_or_materialize(A, G, self.mode, cache=shared)
         if "bias" in names:
-            out += G.sum(dim=1).pow(2).sum(dim=-1)
+            out += self._bias_grads(calls, batch_size).pow(2).sum(dim=-1)
         return out
+
+    def _bias_grads(self, calls: list[Call], batch_size: int) -> torch.Tensor:
+        """Per-sample bias gradients (B, d_out), from the calls that added the bias."""
+        used = [as_btd(c.grad, batch_size).float().sum(dim=1) for c in calls if c.ctx.get("bias", True)]
+        if not used:
+            return torch.zeros(batch_size, calls[0].grad.shape[-1], device=calls[0].grad.device)
+        return torch.stack(used).sum(dim=0)
 
     def _weight_grad(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         # (d_out, d_in) = sum over kept rows and time of g_t a_t^T
@@ -122,19 +126,42 @@ class LinearRule(Rule):
         if "weight" in names:
             add_grad(self.module.weight, scale * self._weight_grad(A, G))
         if "bias" in names:
-            add_grad(self.module.bias, scale * G.sum(dim=(0, 1)))
+            add_grad(self.module.bias, scale * self._bias_grads(calls, bsz)[index].sum(dim=0))
+
+
+class TracedLinearRule(LinearRule):
+    """A module of no registered type that owns a 2-D ``weight`` (and a 1-D ``bias``) and applies it with
+    ``F.linear`` inside its forward: MoE routers (``F.linear(tokens, self.weight)`` on the (B*T, d)
+    tokens, then softmax and top-k), Linear subclasses with their own forward. Each ``F.linear`` call
+    on the weight is captured; any other use of the weight sends the module to the exact fallback.
+    """
+
+    traced = (F.linear,)
+
+    @classmethod
+    def probe(cls, module):
+        w, b = module._parameters.get("weight"), module._parameters.get("bias")
+        return isinstance(w, torch.Tensor) and w.dim() == 2 and (b is None or b.dim() == 1) \
+            and cls.owns_only_its_params(module)
+
+    def traced_params(self, func, args, kwargs):
+        if func is not F.linear:
+            return None
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if weight is not self.module.weight:
+            return None
+        return {"weight", "bias"} if bias is not None and bias is self.module._parameters.get("bias") else {"weight"}
+
+    def capture_traced(self, args, kwargs, output, batch_size):
+        ctx, output = self.capture(args, output, batch_size)
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        ctx["bias"] = bias is not None and bias is self.module._parameters.get("bias")
+        return ctx, output
 
 
 class Conv1DRule(LinearRule):
     """GPT-2's Conv1D: y = x W + b with W of shape (d_in, d_out)."""
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        try:
-            from transformers.pytorch_utils import Conv1D
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(module, Conv1D) and set(module._parameters) <= {"weight", "bias"}
 
     def _weight_grad(self, A, G):
         return A.reshape(-1, A.shape[-1]).T @ G.reshape(-1, G.shape[-1])

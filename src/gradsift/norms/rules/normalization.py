@@ -5,6 +5,14 @@ RMSNorm) or c = 1 (Gemma's RMSNorm). Per sample, grad w = sum_t g_t * xhat_t and
 grad b = sum_t g_t. xhat is taken exactly as the module computes it (dtype casts
 included) by calling the module itself with w = 1 and w = 0 (and b = 0): the
 difference of the two outputs is xhat for either value of c.
+
+nn.LayerNorm and nn.RMSNorm are registered by type. A module of no registered
+type that owns a 1-D weight (and bias) acting on the last dimension (the
+RMSNorm/LayerNorm classes of Llama, Gemma, Qwen, Cohere..., gated RMSNorms, layer
+scales) is covered only when the rule's assumption, y = y0 + xhat * w + b with y0
+and xhat independent of (w, b), is proven: first on a random input when the
+engine is built, then on every actual call (the output must equal y0 + xhat * w
++ b); a module that fails goes to the exact fallback.
 """
 
 from __future__ import annotations
@@ -13,23 +21,62 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gradsift.norms.rules.base import Rule, add_grad, cat_time, suspend_hooks
+from gradsift.norms.rules.base import NotCovered, Rule, add_grad, as_btd, cat_time, suspend_hooks
 
-_NORM_TYPES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+                      extra: tuple = ()) -> torch.Tensor | None:
+    """xhat = y(1, 0) - y(0, 0) if y(w, b) == y(0, 0) + xhat * w + b, else None.
+
+    Checked at a random (w, b), or, given the module's actual output ``y``, at its own (w, b).
+    """
+    w = module.weight
+    b = module._parameters.get("bias")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(t):
+        return (torch.randn(t.shape, generator=gen) * 0.5 + 0.3).to(dtype=t.dtype, device=t.device)
+
+    def call(wv, bv):
+        params = {"weight": wv} if b is None else {"weight": wv, "bias": bv}
+        return functional_call(module, params, (x,) + tuple(extra)).float()
+
+    with suspend_hooks(), torch.no_grad():
+        zw = torch.zeros_like(w)
+        zb = None if b is None else torch.zeros_like(b)
+        y0 = call(zw, zb)
+        xhat = call(torch.ones_like(w), zb) - y0
+        if y is None:
+            wv, bv = rand(w), (None if b is None else rand(b))
+            y = call(wv, bv)
+        else:
+            wv, bv = w.detach(), (None if b is None else b.detach())
+        if y.shape != xhat.shape or xhat.shape[-1] != w.numel():
+            return None
+        pred = y0 + xhat * wv.float() + (0.0 if bv is None else bv.float())
+        eps = torch.finfo(y.dtype if y.dtype.is_floating_point else torch.float32).eps
+        eps = max(eps, torch.finfo(w.dtype).eps, torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0)
+        tol = 16 * eps * (y.abs() + y0.abs() + (xhat * wv.float()).abs() + 1e-6)
+        return xhat if bool(((y.float() - pred).abs() <= tol).all()) else None
 
 
 class NormRule(Rule):
     param_names = ("weight", "bias")
     _zero_at_zero: bool | None = None  # y(w=0, b=0) == 0 (c = 0), learnt on the first call
+    check_calls = False  # set by the engine for a module of no registered type
 
     @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        if not set(module._parameters) <= {"weight", "bias"}:
+    def probe(cls, module: nn.Module) -> bool:
+        w, b = module._parameters.get("weight"), module._parameters.get("bias")
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or (b is not None and b.shape != w.shape):
             return False
-        w = module._parameters.get("weight")
-        if w is None or w.dim() != 1:
+        if not cls.owns_only_its_params(module) or not w.dtype.is_floating_point:
             return False
-        return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+        x = torch.randn(2, 3, w.numel(), generator=torch.Generator().manual_seed(1)).to(w.dtype).to(w.device)
+        try:
+            return _affine_in_params(module, x) is not None
+        except Exception:  # noqa: BLE001 - a forward that needs other arguments: not proven
+            return False
 
     def capture(self, args, output, batch_size):
         x = args[0].detach()
@@ -44,6 +91,14 @@ class NormRule(Rule):
         if self.module._parameters.get("bias") is not None:
             params["bias"] = torch.zeros_like(self.module.bias)
             zeros["bias"] = params["bias"]
+        if self.check_calls:
+            try:
+                xhat = _affine_in_params(self.module, x, output.detach().float(), tuple(args[1:]))
+            except Exception as e:  # noqa: BLE001
+                raise NotCovered(f"re-running the layer failed: {type(e).__name__}: {e}") from e
+            if xhat is None:
+                raise NotCovered("its output is not y0 + xhat * weight + bias on this call")
+            return {"xhat": as_btd(xhat, batch_size)}, output
         with suspend_hooks(), torch.no_grad():
             one = functional_call(self.module, params, (x,) + tuple(args[1:]))
             if self._zero_at_zero:  # y(w=0, b=0) was exactly 0 on a first call: c = 0, skip it
@@ -53,11 +108,11 @@ class NormRule(Rule):
                 if self._zero_at_zero is None:
                     self._zero_at_zero = bool(torch.isfinite(one).all()) and not bool(zero.any())
                 xhat = one.float() - zero.float()
-        return {"xhat": xhat.reshape(batch_size, -1, w.numel())}, output
+        return {"xhat": as_btd(xhat, batch_size)}, output
 
     def _factors(self, calls, batch_size):
         xhat = cat_time([c.ctx["xhat"] for c in calls])
-        g = cat_time([c.grad.reshape(batch_size, -1, c.grad.shape[-1]) for c in calls]).float()
+        g = cat_time([as_btd(c.grad, batch_size) for c in calls]).float()
         return xhat, g
 
     def sq_norms(self, calls, names, batch_size):
