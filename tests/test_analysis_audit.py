@@ -56,6 +56,8 @@ def test_audit_by_hand(tmp_path):
     assert sp["L"]["rho"] == pytest.approx(1 - 6 * np.sum((rg - rl) ** 2) / (10 * 99))
     assert sp["perplexity"]["rho"] == pytest.approx(sp["L"]["rho"])
     assert math.isnan(sp["n_prompt_tokens"]["rho"])  # constant
+    assert math.isnan(sp["L"]["rho_given_length"])  # length fixes the order of G completely here
+    assert "rho_given_length" not in sp["n_response_tokens"]
     # bands of 2: High = rows 0, 1 (largest G); Low = rows 8, 9; Moderate = the 2 closest to the median 4.75
     b = summary["bands"]
     assert t.loc[t["band"] == "high", "row"].tolist() == [0, 1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from gradsift.analysis.stats import bootstrap_ci, compare, kruskal, mcnemar, mean_sd, paired_bootstrap, smd, spearman
+from gradsift.analysis.stats import bootstrap_ci, compare, kruskal, mcnemar, mean_sd, paired_bootstrap, partial_spearman, smd, spearman
 
 
 def _table(n11: int, n10: int, n01: int, n00: int) -> tuple[list[int], list[int]]:
@@ -117,3 +117,16 @@ def test_kruskal_by_hand():
     assert r["H"] == pytest.approx(12 / 42 * 87 - 21) and (r["k"], r["n"]) == (2, 6)
     assert r["p"] == pytest.approx(math.erfc(math.sqrt(r["H"] / 2)))  # chi-square survival, 1 df
     assert math.isnan(kruskal([[1.0, 2.0]])["p"])
+
+
+def test_partial_spearman_by_hand():
+    # ranks: x = 1..5, z = (2, 1, 4, 3, 5), y = (1, 3, 2, 5, 4)
+    # r_xz = 0.8 (see above); r_xy: d = (0,-1,1,-1,1), sum d^2 = 4 -> 0.8;
+    # r_yz: d = (1,-2,2,-2,1), sum d^2 = 14 -> 1 - 84/120 = 0.3
+    x, y, z = [1, 2, 3, 4, 5], [1, 3, 2, 5, 4], [2, 1, 4, 3, 5]
+    r = partial_spearman(x, y, z)
+    expected = (0.8 - 0.8 * 0.3) / math.sqrt((1 - 0.64) * (1 - 0.09))
+    assert r["rho"] == pytest.approx(expected) and r["n"] == 5
+    t = expected * math.sqrt(2 / (1 - expected**2))
+    assert r["p"] == pytest.approx(2 * st.t.sf(t, 2))
+    assert math.isnan(partial_spearman([1, 2, 3, 4], [1, 2, 3, 4], [1, 1, 1, 1])["rho"])

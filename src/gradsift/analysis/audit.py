@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradsift.analysis.stats import kruskal, spearman
+from gradsift.analysis.stats import kruskal, partial_spearman, spearman
 
 __all__ = [
     "AUDIT_DIR",
@@ -194,6 +194,11 @@ def audit_samples(table: pd.DataFrame, rho: float = 0.2, n_show: int = 3,
     t["band"] = _band_labels(t, rho)
     summary: dict[str, Any] = {"n": int(len(t)), "rho": rho, "paper_high_response_tokens": PAPER_HIGH_TOKENS}
     summary["spearman"] = {f: {**spearman(t["G"], t[f]), "label": FEATURES[f]} for f in FEATURES if f in t}
+    # the same with the response length held fixed: does G_i follow the feature beyond length?
+    for f, entry in summary["spearman"].items():
+        if f not in ("n_response_tokens", "length_ratio"):
+            part = partial_spearman(t["G"], t[f], t["n_response_tokens"])
+            entry["rho_given_length"], entry["p_given_length"] = part["rho"], part["p"]
     summary["bands"] = {"all": _band_summary(t), **{b: _band_summary(t[t["band"] == b]) for b in BANDS}}
     if "category" in t:
         cats = t["category"].fillna("(none)")
@@ -336,9 +341,11 @@ def audit_markdown(summary: dict[str, Any], max_chars: int | None = None) -> str
                  f"{_f(b['moderate'].get('response_tokens_mean'), '.1f')}, Low {_f(b['low'].get('response_tokens_mean'), '.1f')}, "
                  f"all {_f(b['all'].get('response_tokens_mean'), '.1f')}. The paper reports about "
                  f"{summary.get('paper_high_response_tokens', PAPER_HIGH_TOKENS):g} for high-G_i samples.")
-    lines += ["", "| G_i against | Spearman rho | p | n |", "|---|---:|---:|---:|"]
+    lines += ["", "| G_i against | Spearman rho | p | n | rho given response length | p |",
+              "|---|---:|---:|---:|---:|---:|"]
     for f, s in summary["spearman"].items():
-        lines.append(f"| {s.get('label', f)} | {_f(s['rho'], '+.3f')} | {_f(s['p'], '.2g')} | {s['n']} |")
+        lines.append(f"| {s.get('label', f)} | {_f(s['rho'], '+.3f')} | {_f(s['p'], '.2g')} | {s['n']} | "
+                     f"{_f(s.get('rho_given_length'), '+.3f')} | {_f(s.get('p_given_length'), '.2g')} |")
     cols = [("n", "n", "d"), ("G_median", "G median", ".4g"), ("response_tokens_mean", "resp. tokens mean", ".1f"),
             ("response_tokens_median", "resp. tokens median", ".0f"), ("L_mean", "L mean", ".3f"),
             ("perplexity_median", "ppl median", ".2f"), ("total_loss_mean", "total loss mean", ".1f"),

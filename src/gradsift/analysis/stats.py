@@ -15,7 +15,8 @@ used the same way by the report and by every study:
   two paired proportions; continuous outcomes (task scores per prompt) go to
   :func:`paired_bootstrap`, a bootstrap of the mean paired difference with a
   two-sided bootstrap p-value. :func:`compare` picks one of the two.
-* **Association**: :func:`spearman` (``scipy.stats.spearmanr``); one value across several groups
+* **Association**: :func:`spearman` (``scipy.stats.spearmanr``), :func:`partial_spearman` (the rank
+  correlation of x and y with a third variable z held fixed); one value across several groups
   (G_i across task categories): :func:`kruskal` (``scipy.stats.kruskal``).
 * **Balance of matched subsets**: :func:`smd`, the standardized mean difference with
   the pooled standard deviation ``sqrt((s_t^2 + s_c^2) / 2)`` (Austin 2009); the usual
@@ -34,7 +35,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["mean_sd", "bootstrap_ci", "paired_bootstrap", "mcnemar", "compare", "spearman", "kruskal", "smd"]
+__all__ = ["mean_sd", "bootstrap_ci", "paired_bootstrap", "mcnemar", "compare", "spearman", "partial_spearman", "kruskal",
+           "smd"]
 
 
 def _vec(values) -> np.ndarray:
@@ -190,6 +192,36 @@ def spearman(x, y) -> dict:
         return {"rho": float("nan"), "p": float("nan"), "n": n}
     res = _st.spearmanr(a, b)
     return {"rho": float(res.statistic), "p": float(res.pvalue), "n": n}
+
+
+def partial_spearman(x, y, z) -> dict:
+    """Partial Spearman correlation of x and y given z: ``{"rho", "p", "n"}``.
+
+    ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))`` from the three Spearman
+    correlations (triples with a NaN dropped); ``p`` from Student's t with n - 3 degrees of
+    freedom. NaN for fewer than 4 triples, a constant variable or ``|r_xz|`` or ``|r_yz|`` = 1.
+    """
+    a = np.asarray(x, dtype=float).ravel()
+    b = np.asarray(y, dtype=float).ravel()
+    c = np.asarray(z, dtype=float).ravel()
+    if not a.shape == b.shape == c.shape:
+        raise ValueError(f"partial_spearman needs three equal lengths: {a.size}, {b.size}, {c.size}")
+    keep = ~(np.isnan(a) | np.isnan(b) | np.isnan(c))
+    a, b, c = a[keep], b[keep], c[keep]
+    n = int(a.size)
+    nan = {"rho": float("nan"), "p": float("nan"), "n": n}
+    if n < 4 or any(np.all(v == v[0]) for v in (a, b, c)):
+        return nan
+    r = _st.spearmanr(np.column_stack([a, b, c])).statistic
+    rxy, rxz, ryz = float(r[0, 1]), float(r[0, 2]), float(r[1, 2])
+    den = (1 - rxz**2) * (1 - ryz**2)
+    if den <= 1e-12:  # z fixes the order of x or y completely
+        return nan
+    rho = max(-1.0, min(1.0, (rxy - rxz * ryz) / math.sqrt(den)))
+    if abs(rho) == 1.0:
+        return {"rho": rho, "p": 0.0, "n": n}
+    t = rho * math.sqrt((n - 3) / (1 - rho**2))
+    return {"rho": rho, "p": float(2 * _st.t.sf(abs(t), n - 3)), "n": n}
 
 
 def kruskal(groups) -> dict:

@@ -294,8 +294,10 @@ def audit_section(store) -> str:
              f"{f(b['moderate'].get('response_tokens_mean'), '.1f')}, Low {f(b['low'].get('response_tokens_mean'), '.1f')}"
              f"); the paper reports about {doc.get('paper_high_response_tokens', 11.5):g}. Perplexity is exp(L_i), so "
              "its rank correlation equals the loss's.</p>")
-    sp = _audit_rows_html("audit-spearman", ["G_i against", "Spearman rho", "p", "n"],
-                          [[escape(s.get("label", k)), f(s["rho"], "+.3f"), f(s["p"], ".2g"), str(s["n"])]
+    sp = _audit_rows_html("audit-spearman", ["G_i against", "Spearman rho", "p", "n", "rho, response length fixed",
+                                             "p"],
+                          [[escape(s.get("label", k)), f(s["rho"], "+.3f"), f(s["p"], ".2g"), str(s["n"]),
+                            f(s.get("rho_given_length"), "+.3f"), f(s.get("p_given_length"), ".2g")]
                            for k, s in doc["spearman"].items()])
     cols = [("n", "n", "d"), ("G_median", "G median", ".4g"), ("response_tokens_mean", "response tokens, mean", ".1f"),
             ("response_tokens_median", "response tokens, median", ".0f"), ("L_mean", "L_i mean", ".3f"),
