@@ -287,7 +287,7 @@ def _paired_html(store: RunStore, judge: str | None) -> str:
         rows.append(f'<tr data-method="{escape(str(r["method"]))}" data-measure="{escape(str(r["measure"]))}">'
                     f'<td class="name">{escape(str(r["label"]))}</td><td class="name">{escape(str(r["method"]))}</td>'
                     f'{td("value")}{td("lo")}{td("hi")}{td("diff", "+.1f")}{td("diff_lo", "+.1f")}'
-                    f'{td("diff_hi", "+.1f")}{td("p", text=format_p(r["p"]).removeprefix("p="))}'
+                    f'{td("diff_hi", "+.1f")}{td("p", text=format_p(r["p"]).removeprefix("p=").removeprefix("p"))}'
                     f'<td class="name">{test}</td>{td("n", ".0f")}</tr>')
     ref = str(table["vs"].iloc[0])
     header = ["measure", "method", "value", "95% CI lo", "95% CI hi", f"diff vs {ref}", "diff lo", "diff hi",
