@@ -28,15 +28,17 @@ def _target(model: nn.Module, params: str) -> list[nn.Parameter]:
 
 
 def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], i: int, params: list[nn.Parameter],
-                     trim: bool = False, loss_scale: float = 1.0) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """Gradients of L_i with respect to ``params`` (float32, None where unused) and L_i, from sample i alone.
+                     trim: bool = False, loss_scale: float = 1.0
+                     ) -> tuple[list[torch.Tensor | None], torch.Tensor, float]:
+    """Gradients of ``S * L_i`` with respect to ``params`` (None where unused), L_i and S, from sample i alone.
 
     Sample i is cut to its real tokens (right padding) and run with batch size 1,
     the model in eval mode and in its own dtype. With fp16 weights or activations,
-    pass ``loss_scale`` (a power of two): L_i is scaled before the backward and the
-    gradients are unscaled in float32, so that none underflows in fp16; a scale
-    that overflows is divided by 8 until it does not. ``p.grad`` and
-    ``requires_grad`` are left as they were.
+    pass ``loss_scale`` (a power of two): the backward is of S * L_i so that no
+    gradient underflows in fp16, and the gradients come back scaled by the S
+    returned (a scale that overflowed is divided by 8 until it does not; S = 1
+    otherwise). They are in the parameters' dtype: divide by S in float32 or
+    float64. ``p.grad`` and ``requires_grad`` are left as they were.
     """
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
@@ -66,12 +68,11 @@ def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], i: int, p
             if finite or loss_scale <= 1.0 or not bool(torch.isfinite(L).all()):
                 break
             loss_scale = max(1.0, loss_scale / 8)
-        grads = [None if g is None else (g.float() / loss_scale if loss_scale != 1.0 else g.float()) for g in grads]
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    return grads, L[0].detach()
+    return list(grads), L[0].detach(), loss_scale
 
 
 def naive_grad_norms(
@@ -82,7 +83,7 @@ def naive_grad_norms(
     target = _target(model, params)
     G, L = [], []
     for i in range(batch["input_ids"].shape[0]):
-        grads, loss = per_sample_grads(model, batch, i, target)
+        grads, loss, _ = per_sample_grads(model, batch, i, target)
         sq = sum((g.double().pow(2).sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64))
         G.append(sq.sqrt())
         L.append(loss.double())

@@ -41,6 +41,11 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 FALLBACK = "parameters without a rule (per-sample fallback)"
 
+# The kept gradient (keep_grads engines) is checked when the trainable parameters hold
+# at most this many elements (LoRA, or full fine-tuning of a small model): the check
+# keeps one float32 copy of their gradient.
+KEPT_CHECK_MAX_NUMEL = 2**28
+
 
 class NormCheckError(ValueError):
     """The engine's per-sample norms disagree with the per-sample loop on the first batch."""
@@ -165,19 +170,21 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
         kinds[FALLBACK] = _Kind(FALLBACK, "parameters", names, rest)
     tol, floor = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
-    keep = engine.keep_grads and bool(engine.trainable_ids)
-    trainable = [p for p in target if id(p) in engine.trainable_ids] if keep else []
-    ref_sum = {id(p): torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in trainable}
+    trainable = [p for p in target if id(p) in engine.trainable_ids] if engine.keep_grads else []
+    if sum(p.numel() for p in trainable) > KEPT_CHECK_MAX_NUMEL:
+        trainable = []  # full fine-tuning of a large model: the kept-gradient check would cost a gradient copy
+    ref_sum = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in trainable}
     from gradsift.norms.engine import _eager
 
     for i in samples:
         with _eager(model):  # as the engine ran it (compiled submodules eagerly)
-            grads, _ = per_sample_grads(model, batch, i, target, trim=False, loss_scale=loss_scale)
-        ref_sq = {id(p): (g.double().pow(2).sum() if g is not None else torch.zeros((), dtype=torch.float64))
+            grads, _, s = per_sample_grads(model, batch, i, target, trim=False, loss_scale=loss_scale)
+        ref_sq = {id(p): (g.double().pow(2).sum() / s**2 if g is not None else torch.zeros((), dtype=torch.float64))
                   for p, g in zip(target, grads)}
         for p, g in zip(target, grads):
             if id(p) in ref_sum and g is not None:
-                ref_sum[id(p)] += g.double()
+                ref_sum[id(p)] += g.float() / s
+        del grads
         ref_total = float(sum(v.cpu() for v in ref_sq.values()))
         eng_total = float(total_sq[i])
         if not (torch.isfinite(torch.tensor(ref_total)) and torch.isfinite(torch.tensor(eng_total))):
@@ -218,7 +225,7 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
                     f"{e:.6g} where the per-sample loop gives {r:.6g} (relative error {err:.1e} > {tol:.0e} for "
                     f"{str(dtype).replace('torch.', '')}); stopped before any score or training step"
                 )
-    if keep and trainable:
+    if trainable:
         _check_accumulated(engine, samples, trainable, ref_sum, kinds, named_params, tol, dtype)
     return time.perf_counter() - t0
 
@@ -235,13 +242,14 @@ def _check_accumulated(engine, samples, trainable, ref_sum, kinds, named_params,
             ps = [p for p in trainable if id(p) in k.param_ids]
             if not ps:
                 continue
-            diff = sum(float(((p.grad.double() if p.grad is not None else 0) - ref_sum[id(p)]).pow(2).sum()) for p in ps)
-            ref = sum(float(ref_sum[id(p)].pow(2).sum()) for p in ps)
-            total = sum(float(v.pow(2).sum()) for v in ref_sum.values())
+            diff = sum(float(((p.grad.float() if p.grad is not None else 0) - ref_sum[id(p)]).double().pow(2).sum())
+                       for p in ps)
+            ref = sum(float(ref_sum[id(p)].double().pow(2).sum()) for p in ps)
+            total = sum(float(v.double().pow(2).sum()) for v in ref_sum.values())
             err = (diff / max(ref, 1e-3 * total, 1e-30)) ** 0.5
             if not err <= tol:
-                worst = max(ps, key=lambda p: float(((p.grad.double() if p.grad is not None else 0)
-                                                     - ref_sum[id(p)]).pow(2).sum()))
+                worst = max(ps, key=lambda p: float(((p.grad.float() if p.grad is not None else 0)
+                                                     - ref_sum[id(p)]).double().pow(2).sum()))
                 raise NormCheckError(
                     f"per-sample norm self-check failed on the first batch: the kept gradient of parameter group "
                     f"'{k.label}' (module class {k.module_class}: {names.get(id(worst), '?')}) is {err:.1e} "
