@@ -51,9 +51,9 @@ def run_pipeline(config: Path, output: Path | None = None, overrides: list[str] 
 
     console = Console(stderr=True)
     t0 = time.time()
-    config = Path(config)
-    if not config.is_file():
-        raise ConfigError(f"{config}: config file not found")
+    from gradsift.configs import resolve_config
+
+    config = resolve_config(config)  # a file, or the name of a shipped config
     try:
         data = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -579,7 +579,10 @@ def train_command(config: Path, output: Path | None = None, overrides: list[str]
     """``gradsift train CONFIG [--output DIR] [--set key=value ...]``."""
     from rich.console import Console
 
+    from gradsift.configs import resolve_config
+
     console = Console(stderr=True)
+    config = resolve_config(config)  # a file, or the name of a shipped config
     cfg = load_config(config, parse_overrides(overrides))
     hook = make_eval_hook(cfg.eval, base=Path(config).resolve().parent)
     if cfg.eval and hook is None:
