@@ -106,7 +106,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def test_cli_audit_on_a_tiny_model_and_the_report_section(tiny_model_dir, shared_data, tmp_path):
+def test_cli_audit_on_a_tiny_model_and_the_report_section(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     data = shared_data / "alpaca" / "alpaca_small.json"
     run = tmp_path / "run"
     scores = run / "scores.parquet"
@@ -128,6 +128,25 @@ def test_cli_audit_on_a_tiny_model_and_the_report_section(tiny_model_dir, shared
     raw = json.loads(data.read_text())[:10]
     top = doc["top"][0]
     assert top["row"] == int(s.loc[s["G"].idxmax(), "row"]) and top["response"] == raw[top["row"]]["output"]
+
+    # a rerun with the same model and settings reuses the measured replies
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("gradsift.analysis.audit.typical_reply_length", no_generation)
+    res = runner.invoke(app, ["study", "audit", str(scores), "--data", str(data), "--model", str(tiny_model_dir),
+                              "--n-style", "2", "--max-new-tokens", "4", "--rho", "0.3"])
+    assert res.exit_code == 0, res.output
+    again = read_audit(run / "analysis" / "audit")
+    assert again["style"]["lengths"] == doc["style"]["lengths"] and again["rho"] == 0.3
+    res = runner.invoke(app, ["study", "audit", str(scores), "--data", str(data), "--model", str(tiny_model_dir),
+                              "--n-style", "3", "--max-new-tokens", "4"])
+    assert res.exit_code != 0  # other settings: measured again (here: the patched generator refuses)
+    monkeypatch.undo()
+    res = runner.invoke(app, ["study", "audit", str(scores), "--data", str(data), "--model", str(tiny_model_dir),
+                              "--n-style", "2", "--max-new-tokens", "4", "--show", "1"])
+    assert res.exit_code == 0, res.output
+    doc = read_audit(run / "analysis" / "audit")
 
     # the report of a run directory holding the audit shows it
     (run / "config.resolved.yaml").write_text("tasks: []\n")

@@ -23,7 +23,8 @@ that was scored and, optionally, the model:
 
 :func:`run_audit` does all of it from files and writes ``audit.json`` (the summary) and
 ``audit.parquet`` (the per-sample table) under ``<out>`` (default
-``<scores folder>/analysis/audit``, where a run directory's report looks for it).
+``<scores folder>/analysis/audit``, where a run directory's report looks for it). The model's
+replies are measured once: ``style.json`` keeps them for a rerun with the same model and settings.
 """
 
 from __future__ import annotations
@@ -271,23 +272,48 @@ def run_audit(scores: str | Path, data: str | Path | None = None, model: str | N
         records = read_records(data, prompt_field=prompt_field, response_field=response_field,
                                messages_field=messages_field, limit=limit)
         raw = read_rows(data, limit=limit)
+    out_dir = Path(out) if out is not None else scores.parent / AUDIT_DIR
     if model is not None:
-        from gradsift.models import load_model, load_tokenizer
-
-        tok = load_tokenizer(model)
-        m = load_model(model, device=device, adapter=adapter)
-        m.eval()
         scored = set(table["row"].astype(int).tolist())
-        typical = typical_reply_length(m, tok, [r for r in records if int(r["row"]) in scored], n=n_style,
-                                       max_new_tokens=max_new_tokens, progress=progress)
-        del m
+        key = {"model": model, "adapter": adapter, "data": str(data), "n": n_style, "max_new_tokens": max_new_tokens,
+               "scored_rows": len(scored)}
+        typical = _cached_style(out_dir, key)
+        if typical is None:
+            from gradsift.models import load_model, load_tokenizer
+
+            tok = load_tokenizer(model)
+            m = load_model(model, device=device, adapter=adapter)
+            m.eval()
+            typical = typical_reply_length(m, tok, [r for r in records if int(r["row"]) in scored], n=n_style,
+                                           max_new_tokens=max_new_tokens, progress=progress)
+            del m
+            _write_style(out_dir, key, typical)
     t = sample_table(table, records, raw, category_field=category_field,
                      typical_tokens=typical["median_tokens"] if typical else None)
     summary, t = audit_samples(t, rho=rho, n_show=n_show, typical=typical)
     summary["sources"] = {"scores": str(scores), "data": str(data) if data is not None else None, "model": model}
-    out_dir = Path(out) if out is not None else scores.parent / AUDIT_DIR
     write_audit(summary, t, out_dir)
     return summary, out_dir
+
+
+STYLE_FILE = "style.json"
+
+
+def _cached_style(out_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's typical reply length measured by an earlier audit with the same settings (None: none)."""
+    p = out_dir / STYLE_FILE
+    if not p.exists():
+        return None
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return doc.get("typical") if doc.get("key") == key else None
+
+
+def _write_style(out_dir: Path, key: dict[str, Any], typical: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STYLE_FILE).write_text(json.dumps({"key": key, "typical": typical}, indent=2))
 
 
 def write_audit(summary: dict[str, Any], table: pd.DataFrame, out_dir: str | Path) -> Path:
