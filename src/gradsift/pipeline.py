@@ -71,7 +71,11 @@ def run_pipeline(config: Path, output: Path | None = None, overrides: list[str] 
         return out
     from gradsift.report import build_report, load_run, summary_markdown
 
+    from gradsift.report.section_health import health_markdown
+
     report = build_report(out)
-    Console().print(summary_markdown(load_run(out)))
+    store = load_run(out)
+    Console().print(summary_markdown(store))
+    Console().print(health_markdown(store))
     console.print(f"[green]report[/]: {report}  ({(time.time() - t0) / 60:.1f} min)")
     return out

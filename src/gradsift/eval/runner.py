@@ -16,7 +16,9 @@ task                                       metrics
 ``safety/<set>`` (``@<attack>`` appended   ``asr/<judge>`` (percent), ``asr/<judge>/<category>``,
 when the attack is not ``none``)           ``unparsable/<judge>`` (count), ``refusal_rate``
                                            (percent, keyword refusals), ``n``
-``overrefusal/<set>``                      ``over_refusal`` (percent), ``over_refusal/<category>``, ``n``
+``overrefusal/<set>``                      ``over_refusal`` (percent), ``over_refusal/<category>``, ``n``,
+                                           ``reply_words`` (mean words a reply), ``degenerate`` (percent
+                                           of empty, one-word or looping replies: the health check)
 ``capability/<bench>``                     ``acc``, ``acc_norm``, ``mc1``, ``mc2`` (percent), their
                                            ``*_stderr`` (percent), ``n``
 ``lmeval/<task>``                          lm-eval's metric names (fractions -> percent), ``n``
@@ -57,6 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BUILTIN_BENIGN",
     "BUILTIN_HARMFUL",
+    "BUILTIN_XSTEST",
     "EvalConfig",
     "EvalConfigError",
     "JudgePool",
@@ -71,6 +74,10 @@ BUILTIN_HARMFUL = "builtin_harmful"
 """The package's held-out harmful requests (``gradsift.data.requests.harmful_requests("eval")``)."""
 BUILTIN_BENIGN = "builtin_benign"
 """The package's held-out benign and borderline requests (``benign_requests("eval")``)."""
+BUILTIN_XSTEST = "builtin_xstest"
+"""XSTest v2's 250 safe prompts (Röttger et al. 2024, CC BY 4.0), shipped in the package
+(``data/builtin/xstest_safe.jsonl``, its source and licence in ``xstest_safe.source.json``);
+an over-refusal set, category = XSTest's prompt type."""
 
 _NOT_PERCENT = ("n", "sample_len")
 
@@ -188,7 +195,9 @@ class EvalConfig(_Section):
     ``tasks``: ``all`` / ``true`` (default) scores every task of the run at every
     stage, trained yet or not, so the full result matrix can be shown; ``seen``
     only the tasks trained so far; ``false`` none. ``task_n_eval`` caps the
-    evaluation items per task. By default safety is measured on the built-in
+    evaluation items per task. ``stage0_tasks`` (with ``tasks: seen``): score every task
+    of the run on the stage-0 model too, the baseline each task's score after its own
+    stage is checked against (the health check of the report). By default safety is measured on the built-in
     held-out harmful requests (keyword and heuristic judges) and over-refusal on
     the built-in benign/borderline requests; capability benchmarks are off.
     """
@@ -196,6 +205,7 @@ class EvalConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)  # decoding for every answer
     tasks: Literal["all", "seen", "none"] = "all"
     task_n_eval: int | None = Field(None, ge=1)
+    stage0_tasks: bool = False
     safety: list[SafetySetSettings] = Field(default_factory=lambda: [SafetySetSettings(set=BUILTIN_HARMFUL)])
     over_refusal: list[OverRefusalSettings] = Field(
         default_factory=lambda: [OverRefusalSettings(set=BUILTIN_BENIGN)]
@@ -304,6 +314,8 @@ def _resolve(value: str, base: Path | None) -> str:
 def _check_set(spec: str, key: str, builtin: str, registry: Mapping[str, Any]) -> None:
     if spec == builtin or spec.lower() in registry or Path(spec).exists():
         return
+    if spec == BUILTIN_XSTEST and builtin == BUILTIN_BENIGN:
+        return
     other = BUILTIN_BENIGN if builtin == BUILTIN_HARMFUL else BUILTIN_HARMFUL
     if spec == other:
         raise EvalConfigError(f"{key}: {spec!r} cannot be used here; use {builtin!r}")
@@ -314,7 +326,7 @@ def _check_set(spec: str, key: str, builtin: str, registry: Mapping[str, Any]) -
 
 def _set_label(spec: str) -> str:
     """A set's name in results: the built-in or registry name, else the file's stem."""
-    if spec in (BUILTIN_HARMFUL, BUILTIN_BENIGN):
+    if spec in (BUILTIN_HARMFUL, BUILTIN_BENIGN, BUILTIN_XSTEST):
         return spec
     path = Path(spec)
     if path.exists() or path.suffix:
@@ -348,6 +360,7 @@ def load_prompt_set(spec: str, purpose: Literal["safety", "over_refusal"], n: in
 
     ``builtin_harmful`` / ``builtin_benign`` are the package's held-out requests
     (category = harm category; ``borderline`` / ``benign`` for the benign set);
+    ``builtin_xstest`` XSTest's 250 safe prompts, shipped in the package;
     anything else goes through :func:`gradsift.eval.safety.load_safety_set`. For
     safety only ``unsafe`` items are kept; for over-refusal the ``safe`` items (all
     items when the file labels none as safe). ``n`` subsamples after that filter.
@@ -362,6 +375,11 @@ def load_prompt_set(spec: str, purpose: Literal["safety", "over_refusal"], n: in
 
         items = [{"id": r["id"], "prompt": r["prompt"], "category": "borderline" if r["borderline"] else "benign",
                   "label": "safe", "context": None} for r in benign_requests("eval")]
+    elif spec == BUILTIN_XSTEST:
+        from gradsift.data.requests import BUILTIN_DIR
+        from gradsift.eval.safety import load_safety_set
+
+        items = load_safety_set(str(BUILTIN_DIR / "xstest_safe.jsonl"))
     else:
         from gradsift.eval.safety import load_safety_set
 
@@ -459,8 +477,12 @@ def _overrefusal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     refused = _refused(responses, detector)
     for r, flag in zip(records, refused):
         r["refused"] = flag
+    from gradsift.eval.metrics import is_degenerate, reply_words
+
     rows = [_row(task, "over_refusal", over_refusal(records, responses, refusals=refused)),
-            _row(task, "n", len(records))]
+            _row(task, "n", len(records)),
+            _row(task, "reply_words", sum(reply_words(r) for r in responses) / len(responses)),
+            _row(task, "degenerate", 100.0 * sum(is_degenerate(r) for r in responses) / len(responses))]
     categories = sorted({r["category"] for r in records if r.get("category")})
     for cat in categories:
         idx = [i for i, r in enumerate(records) if r.get("category") == cat]
@@ -707,6 +729,8 @@ def make_eval_hook(eval_config: Mapping[str, Any] | EvalConfig,
             specs = []
         else:
             specs = [_settings_dict(t) for t in tasks_so_far]
+            if stage == 0 and cfg.stage0_tasks and cfg.tasks == "seen" and run_info.get("tasks") is not None:
+                specs = [_settings_dict(t) for t in run_info["tasks"]]
         tasks = [load(s) for s in specs]
         return evaluate(model, tokenizer, cfg, tasks=tasks, out_dir=run_dir / f"stage_{stage}", stage=stage,
                         judges=pool)
