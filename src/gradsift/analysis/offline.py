@@ -628,7 +628,8 @@ def study_tables(out: str | Path) -> dict[str, Any]:
            "reference_model": study.get("reference_model"), "times": study.get("times", {}),
            "cpu_times": study.get("cpu_times", {}),
            "n_rows": subsets_doc.get("n_rows"), "arms": arms_table, "tests": tests, "lengths": lengths,
-           "matching": subsets_doc.get("matching"), "correlations": _correlations(scores)}
+           "matching": subsets_doc.get("matching"), "correlations": _correlations(scores),
+           "composition": _composition(scores, subsets_doc)}
     (out / TABLES_FILE).write_text(json.dumps(doc, indent=2, default=_json_default))
     _merge_results(out, stages)
     (out / SUMMARY_FILE).write_text(summary_markdown(doc))
@@ -652,6 +653,21 @@ def _correlations(scores: pd.DataFrame | None) -> dict[str, dict]:
         return {}
     return {c: stats.spearman(scores["G"], scores[c]) for c in ("n_response_tokens", "L", "ref_L")
             if c in scores.columns}
+
+
+def _composition(scores: pd.DataFrame | None, subsets_doc: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Mean G, loss, response length (and reference log-perplexity) of each subset's rows (first seed)."""
+    if scores is None or not subsets_doc.get("subsets"):
+        return {}
+    by_row = scores.set_index("row")
+    cols = [c for c in ("G", "L", "n_response_tokens", "ref_L") if c in scores.columns]
+    out = {"all": {"n": len(scores), **{c: float(scores[c].mean()) for c in cols}}}
+    for name, by_seed in subsets_doc["subsets"].items():
+        rows = next(iter(by_seed.values()), [])
+        if rows:
+            sub = by_row.loc[list(rows)]
+            out[name] = {"n": len(rows), **{c: float(sub[c].mean()) for c in cols}}
+    return out
 
 
 def _merge_results(out: Path, stages: dict[str, dict[int, Path]]) -> None:
@@ -756,6 +772,13 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
                       f"(|SMD| > 0.1 after matching).**"]
         for note in m.get("notes") or []:
             lines.append(f"- {note}")
+    comp = doc.get("composition") or {}
+    if comp:
+        cols = [c for c in ("G", "L", "n_response_tokens", "ref_L") if c in comp.get("all", {})]
+        lines += ["", "Subset composition (means over the subset's rows):", "",
+                  "| subset | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for name, v in comp.items():
+            lines.append(f"| {LABELS.get(name, name)} | {v['n']} | " + " | ".join(_fmt(v[c], 3) for c in cols) + " |")
     corr = doc.get("correlations") or {}
     if corr:
         lines += ["", "Spearman correlation of G_i with: " + ", ".join(
