@@ -1,7 +1,9 @@
 """Memory of a Moderate-G_i step vs a plain LoRA step at real 7B/8B geometry, measured on a CPU.
 
 Builds a few decoder layers of Qwen2.5-7B and Llama-3.1-8B geometry (their real hidden,
-intermediate, head and vocabulary sizes; random weights; bf16; LoRA r=32 on every linear
+intermediate, head and vocabulary sizes; random weights; bf16; the input embedding
+table is built with 4096 rows, since a lookup keeps the same bytes per token whatever
+the table's size, while the output head has the real vocabulary; LoRA r=32 on every linear
 layer, adapters in fp32 as PEFT keeps them), runs one batch through
 
 * a plain LoRA step (forward in training mode, backward), and
@@ -10,24 +12,25 @@ layer, adapters in fp32 as PEFT keeps them), runs one batch through
 
 and counts the bytes kept for the backward: every tensor autograd saves (saved-tensor
 hooks; parameters excluded; one count per storage) and every tensor the engine holds
-(its captures after the forward, what it keeps after the backward for the update).
+(its captures after the forward, what it keeps after the backward for the update;
+without ``--backward``, the CPU default, the latter is computed from the LoRA layers'
+output shapes instead of measured).
 Bytes inside the decoder layers are divided by layers x tokens, the rest (embedding
 output, final norm, logits at the response positions) by tokens; two sequence lengths
 check that the per-token figures do not grow with T. The figures are then extrapolated
 to the full depth for a micro-batch m and length T:
 
     plain    = weights + LoRA states + m*T*(layers*s_plain + o_plain)
-    moderate = weights + LoRA states + m*T*(layers*(s_saved + s_captured) + o_engine)
-               + kept-for-update (an upper bound: what the engine keeps after the backward)
-               + the window's per-sample LoRA gradients when the optimizer batch spans
-                 several micro-batches and selection_backward is reuse (0 with recompute)
+    moderate (recompute) = weights + LoRA states + m*T*(layers*(s_saved + s_captured) + o_engine)
+    moderate (reuse)     = that + the output gradients kept for the update (m*T*layers*s_kept)
+                           + the window's per-sample LoRA gradients (several micro-batches)
 
 (LoRA states: fp32 parameter, gradient and two AdamW moments = 16 bytes a parameter.)
 Transient workspace (a matmul's output before it is freed, the allocator's slack) is
 not counted on either side.
 
-    python benchmarks/memory_bench.py                    # both models, 2 layers, T = 64 and 128
-    python benchmarks/memory_bench.py --layers 1 --seq-lens 32 64 --json out.json
+    python benchmarks/memory_bench.py                    # both models, 1 layer, T = 32 and 64
+    python benchmarks/memory_bench.py --layers 2 --seq-lens 256 512 --json out.json
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ GEOMETRY = {
                          num_key_value_heads=8, vocab_size=128256, full_layers=32, tie_word_embeddings=False),
 }
 GiB = 1024**3
+EMBED_ROWS = 4096
 
 
 def log(msg: str) -> None:
@@ -63,7 +67,11 @@ def build(name: str, layers: int, r: int):
     geo = dict(GEOMETRY[name])
     full = geo.pop("full_layers")
     model_type = geo.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, max_position_embeddings=4096, **geo)
+    vocab = geo["vocab_size"]
+    # the input embedding's table does not change the bytes kept per token (a row lookup): build it
+    # small, and the output head at the real vocabulary size (the logits are what cost memory)
+    small = dict(geo, vocab_size=EMBED_ROWS)
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, max_position_embeddings=4096, **small)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     log(f"{name}: building {layers} layer(s)")
@@ -71,6 +79,8 @@ def build(name: str, layers: int, r: int):
 
     with no_init_weights():  # random values tiled from one small block: bytes, not statistics, are measured
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.lm_head = torch.nn.Linear(geo["hidden_size"], vocab, bias=False, dtype=torch.bfloat16)
+        model.config.vocab_size = vocab
     block = torch.randn(1 << 20, dtype=torch.bfloat16) * 0.02
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -185,14 +195,26 @@ def batch_of(vocab: int, B: int, T: int, response: float = 0.5):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def measure(model, B: int, T: int) -> dict[str, float]:
+def kept_from_shapes(model, B: int, T: int) -> dict[str, int]:
+    """What the engine keeps after its backward for the update (``keep_grads``), from the shapes: the
+    output gradient of every trainable (LoRA) layer, (B, T, d_out) in the adapter's dtype, on top of
+    its captured input."""
+    out = {"layer": 0, "outside": 0}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False)):
+            where = "layer" if ".layers." in name else "outside"
+            out[where] += B * T * m.out_features * m.weight.element_size()
+    return out
+
+
+def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
     """Per-token bytes of a plain LoRA step and of the Moderate-G_i scoring pass."""
     import inspect
 
     from gradsift.losses import causal_lm_losses
     from gradsift.norms import GhostNormEngine
 
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().num_embeddings  # token ids within the (small) input table
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch_of(vocab, B, T).items()}
     names = {m: n for n, m in model.named_modules()}
@@ -205,9 +227,10 @@ def measure(model, B: int, T: int) -> dict[str, float]:
         with saved.hooks():
             L, _ = causal_lm_losses(model, batch)
         log(f"T={T}: plain forward done")
-        L.mean().backward()
-        log(f"T={T}: plain backward done")
-        plain = saved.totals()
+        plain = saved.totals()  # what the forward saved for the backward: the plain step's activation memory
+        if backward:
+            L.mean().backward()
+            log(f"T={T}: plain backward done")
         t_plain = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         del L
@@ -222,8 +245,12 @@ def measure(model, B: int, T: int) -> dict[str, float]:
             eng_saved = saved.totals()
             log(f"T={T}: scoring forward done")
             captured = engine_bytes(engine, names, exclude=set(saved.seen))
-            engine.backward()
-            kept = engine_bytes(engine, names)
+            if backward:
+                engine.backward()
+                kept = engine_bytes(engine, names)
+                log(f"T={T}: scoring backward done")
+            else:
+                kept = kept_from_shapes(model, B, T)
             t_engine = time.perf_counter() - t0
         finally:
             engine.close()
@@ -239,7 +266,7 @@ def measure(model, B: int, T: int) -> dict[str, float]:
         "engine_saved_layer": per_layer(eng_saved), "engine_saved_outside": per_tok(eng_saved),
         "captured_layer": per_layer(captured), "captured_outside": per_tok(captured),
         "kept_layer": per_layer(kept), "kept_outside": per_tok(kept),
-        "seconds_plain": t_plain, "seconds_engine": t_engine,
+        "seconds_plain": t_plain, "seconds_engine": t_engine, "kept_measured": backward,
     }
 
 
@@ -248,26 +275,34 @@ def extrapolate(m: dict, n_full: int, lora_full: int, layers: int, micro: int, T
     weights = n_full * 2
     states = lora_full * 16
     plain = weights + states + tokens * (layers * m["plain_layer"] + m["plain_outside"])
+    # recompute (several micro-batches): the scoring pass keeps no output gradient
     moderate = (weights + states
-                + tokens * (layers * (m["engine_saved_layer"] + m["captured_layer"] + m["kept_layer"])
-                            + m["engine_saved_outside"] + m["captured_outside"] + m["kept_outside"]))
+                + tokens * (layers * (m["engine_saved_layer"] + m["captured_layer"])
+                            + m["engine_saved_outside"] + m["captured_outside"]))
+    # reuse: the output gradients of the micro-batch, and (several micro-batches) the window's per-sample rows
+    kept = tokens * (layers * m["kept_layer"] + m["kept_outside"])
     per_sample = window * lora_full * 4 if window > micro else 0
+    reuse = moderate + kept + per_sample
     return {"plain_GiB": plain / GiB, "moderate_recompute_GiB": moderate / GiB,
-            "moderate_reuse_GiB": (moderate + per_sample) / GiB, "ratio_recompute": moderate / plain,
-            "ratio_reuse": (moderate + per_sample) / plain, "weights_GiB": weights / GiB}
+            "moderate_reuse_GiB": reuse / GiB, "ratio_recompute": moderate / plain,
+            "ratio_reuse": reuse / plain, "weights_GiB": weights / GiB}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(GEOMETRY), choices=list(GEOMETRY))
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers built (the full depth is extrapolated)")
-    ap.add_argument("--seq-lens", type=int, nargs=2, default=[64, 128])
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers built (the full depth is extrapolated)")
+    ap.add_argument("--seq-lens", type=int, nargs=2, default=[32, 64])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     ap.add_argument("--target-len", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--window", type=int, default=32, help="samples per optimizer step (the paper's 32)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the backward passes too (default: on a GPU only). Without it the engine's kept "
+                         "output gradients are computed from the layer shapes; bf16 backward matmuls run ~25x "
+                         "slower than the forward on a CPU without AVX-512")
     args = ap.parse_args()
     from gradsift.runtime import tune_cpu_allocator
 
@@ -278,7 +313,8 @@ def main() -> None:
         model, full, n_full = build(name, args.layers, args.lora_r)
         lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         lora_full = lora // args.layers * full
-        runs = [measure(model, args.batch, T) for T in args.seq_lens]
+        backward = args.backward if args.backward is not None else torch.cuda.is_available()
+        runs = [measure(model, args.batch, T, backward) for T in args.seq_lens]
         del model
         m = runs[-1]
         rows = []

@@ -149,7 +149,7 @@ def main() -> None:
     if args.batch_size % micro:
         raise SystemExit(f"--micro-batch {micro} must divide --batch-size {args.batch_size}")
     accum = args.batch_size // micro
-    n = args.batch_size * args.stage_batches
+    n = args.batch_size * max(1, args.stage_batches)
     pad = 0
     if args.task:
         from gradsift.data.formatting import encode_records

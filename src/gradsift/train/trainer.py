@@ -271,15 +271,12 @@ class SelectionStepMixin:
             from accelerate.utils import DistributedType
 
             sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-            if sharded or self._dropout_active(model):
+            # several micro-batches: the second pass keeps nothing between them (memory first; per-sample
+            # LoRA gradients, selection_backward="reuse", trade memory for the second pass's time)
+            if sharded or self._dropout_active(model) or not (one_pass or not self.method_spec.needs_scores):
                 mode = "recompute"
-            elif one_pass or not self.method_spec.needs_scores:
-                mode = "reuse"
             else:
-                rows = self.args.per_device_train_batch_size * max(1, int(self.current_gradient_accumulation_steps))
-                per_sample = rows * sum(p.numel() for p in self._trainable(model)) * 4
-                weights = sum(p.numel() * p.element_size() for p in model.parameters())
-                mode = "reuse" if per_sample <= weights else "recompute"
+                mode = "reuse"
         if mode == "recompute":
             return "recompute"
         return "captures" if one_pass or not self.method_spec.needs_scores else "per_sample"
@@ -301,6 +298,8 @@ class SelectionStepMixin:
         end = bool(self.accelerator.sync_gradients)
         if not self._window:
             self._strategy = self._update_strategy(unwrapped, one_pass=end)
+            # the output gradients are kept only where the update is built from the captures
+            engine.keep_grads = self._strategy != "recompute"
         try:
             self._score_micro_batch(engine, unwrapped, batch, rows)
             if not end:
