@@ -278,6 +278,12 @@ def test_study_drift_command_and_report(tmp_path):
     to_aligned = drift[(drift["reference"] == "aligned")]
     assert to_aligned.loc[to_aligned["stage"] == 0, "kl"].abs().max() < 1e-6  # the aligned model against itself
     assert (to_aligned.loc[to_aligned["stage"] > 0, "kl"] > 0).all()
+    # a rerun with the same settings reuses the replies and every measured checkpoint
+    res = runner.invoke(app, ["study", "drift", str(out), "--pretrained", str(pre), "--n-harmful", "3",
+                              "--n-benign", "2", "--max-new-tokens", "4", "--parts", "kl", "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((mech / "meta.json").read_text())["drift"]["measured"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(mech / "drift.csv"), drift)
     replies = [json.loads(line) for line in (mech / "replies.jsonl").read_text().splitlines()]
     assert {r["set"] for r in replies} <= {"harmful", "benign"} and len(replies) <= 5
 

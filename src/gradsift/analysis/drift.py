@@ -351,40 +351,79 @@ def drift_study(run_dir: str | Path, *, pretrained: str | None = None, n_harmful
     tok = rm.tokenizer
     device = _device()
 
-    aligned = rm.aligned().to(device)
-    records = held_out_replies(aligned, tok, rm.config.eval, n_harmful, n_benign, max_new_tokens, progress=progress)
-    if not records:
-        raise ValueError("no held-out prompt to measure the drift on")
-    with open(out_dir / REPLIES_FILE, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    settings = {"pretrained": rm.pretrained_name(), "n_harmful": n_harmful, "n_benign": n_benign,
+                "max_new_tokens": max_new_tokens, "replies": "aligned model, greedy"}
+    records, earlier = _earlier_drift(out_dir, settings)
+    todo = [c for c in ckpts if (c.run, c.stage) not in earlier and not (c.stage == 0 and earlier.get(0))]
+
+    aligned = rm.aligned().to(device) if records is None or todo else None
+    if records is None:
+        records = held_out_replies(aligned, tok, rm.config.eval, n_harmful, n_benign, max_new_tokens,
+                                   progress=progress)
+        if not records:
+            raise ValueError("no held-out prompt to measure the drift on")
+        with open(out_dir / REPLIES_FILE, "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     features = reply_features(tok, records)
     sets = [r["set"] for r in records]
-    refs = {"aligned": ReferenceLogProbs(aligned, features, tok.pad_token_id, batch_size)}
+    refs: dict[str, ReferenceLogProbs] = {}
+    if todo:
+        refs["aligned"] = ReferenceLogProbs(aligned, features, tok.pad_token_id, batch_size)
     del aligned
-    pre = rm.pretrained().to(device)
-    refs["pretrained"] = ReferenceLogProbs(pre, features, tok.pad_token_id, batch_size)
-    del pre
+    if todo:
+        pre = rm.pretrained().to(device)
+        refs["pretrained"] = ReferenceLogProbs(pre, features, tok.pad_token_id, batch_size)
+        del pre
 
     rows: list[dict[str, Any]] = []
-    stage0_rows: list[dict[str, Any]] | None = None
+    stage0_rows: list[dict[str, Any]] | None = earlier.get(0)
     for ck in tqdm(ckpts, desc="drift", disable=not progress):
-        if ck.stage == 0 and stage0_rows is not None:
+        if (ck.run, ck.stage) in earlier:  # measured by an earlier call with the same replies
+            got = earlier[(ck.run, ck.stage)]
+        elif ck.stage == 0 and stage0_rows is not None:
             got = stage0_rows
         else:
             model = rm.load(ck).to(device)
             got = kl_rows(model, features, sets, refs, tok.pad_token_id, batch_size)
             del model
-            if ck.stage == 0:
-                stage0_rows = got
+        if ck.stage == 0:
+            stage0_rows = got
         rows += [{"run": ck.run, "method": ck.method, "seed": ck.seed, "stage": ck.stage, **r} for r in got]
-    frame = pd.DataFrame(rows)
+    here = {(c.run, c.stage) for c in ckpts}
+    for key, got in earlier.items():  # checkpoints of other runs measured before: kept
+        if key != 0 and key not in here:
+            m, seed = key[0].rsplit("-seed", 1)
+            rows += [{"run": key[0], "method": m, "seed": int(seed), "stage": key[1], **r} for r in got]
+    frame = pd.DataFrame(rows).sort_values(["run", "stage"], kind="stable")
     frame.to_csv(out_dir / DRIFT_FILE, index=False)
-    _update_meta(out_dir, "drift", {"pretrained": rm.pretrained_name(), "n_harmful": n_harmful, "n_benign": n_benign,
-                                    "max_new_tokens": max_new_tokens, "replies": "aligned model, greedy",
-                                    "n_replies": len(records), "default_direction": DEFAULT_DIRECTION,
-                                    "checkpoints": len(ckpts), "seconds": time.time() - t0})
+    _update_meta(out_dir, "drift", {**settings, "n_replies": len(records), "measured": len(todo),
+                                    "default_direction": DEFAULT_DIRECTION, "checkpoints": len(ckpts),
+                                    "seconds": time.time() - t0})
     return frame
+
+
+def _earlier_drift(out_dir: Path, settings: dict[str, Any]):
+    """The replies and per-checkpoint rows of an earlier drift study with the same settings (else None, {}).
+
+    Rows are keyed by ``(run, stage)``; key ``0`` holds the stage-0 rows (one model for every run).
+    """
+    meta_file, replies_file, drift_file = out_dir / "meta.json", out_dir / REPLIES_FILE, out_dir / DRIFT_FILE
+    if not (meta_file.exists() and replies_file.exists() and drift_file.exists()):
+        return None, {}
+    old = json.loads(meta_file.read_text(encoding="utf-8")).get("drift", {})
+    if any(old.get(k) != v for k, v in settings.items()):
+        return None, {}
+    import pandas as pd
+
+    records = [json.loads(line) for line in replies_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: dict[Any, list[dict[str, Any]]] = {}
+    for r in pd.read_csv(drift_file).to_dict("records"):
+        key = (r["run"], int(r["stage"]))
+        rows.setdefault(key, []).append({k: v for k, v in r.items() if k not in ("run", "method", "seed", "stage")})
+        if key[1] == 0:
+            rows.setdefault(0, rows[key])
+    return records, rows
 
 
 def _update_meta(out_dir: Path, key: str, value: dict[str, Any]) -> None:
