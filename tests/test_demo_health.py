@@ -213,7 +213,7 @@ def test_verdict_numbers_match_the_script(scripted_run_dir):
     # over the run against plain fine-tuning: the healthy checkpoint 1 alone
     run = table[(table["scope"] == "run") & (table["vs"] == "standard") & (table["measure"] == "refusal")].iloc[0]
     assert run["diff"] == pytest.approx(62.5) and run["test"] == "mcnemar"
-    assert "checkpoints 1 only" in run["note"]
+    assert run["note"] == "checkpoint 1 only; the others failed the health check"
     # against Random both checkpoints count: per prompt, averaged over them, 30 against 20 refused at each
     run = table[(table["scope"] == "run") & (table["vs"] == "random") & (table["measure"] == "refusal")].iloc[0]
     assert run["diff"] == pytest.approx(25.0) and run["test"] == "paired_bootstrap" and run["note"] == ""
@@ -269,3 +269,24 @@ def test_a_recorded_multi_seed_result_is_shown_beside_a_one_seed_run(scripted_ru
     other = dict(store.config, optim={**store.config["optim"], "lr": 5e-4})
     monkeypatch.setattr(store, "config", other)
     assert sh.recorded_result(store) is None
+
+
+@pytest.mark.slow
+def test_the_report_fits_the_page_in_headless_chromium(scripted_run_dir, tmp_path):
+    import shutil
+    import sys
+
+    if not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium (apt-get install -y chromium)")
+    from gradsift.report import build_report
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import check_report_layout
+
+    page = build_report(scripted_run_dir, out=tmp_path / "report.html")
+    layout = check_report_layout.measure(page, width=1280)
+    ids = {t["id"] for t in layout["tables"]}
+    assert {"paper-table", "health-table", "verdict-table"} <= ids
+    assert layout["overflowing"] == [], layout["overflowing"]
+    png = check_report_layout.screenshot(page, tmp_path / "report.png", 1280, min(layout["page_height"], 4000))
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

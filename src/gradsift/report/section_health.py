@@ -241,7 +241,8 @@ def verdict_table(store: RunStore, rules: HealthRules = HEALTH) -> pd.DataFrame:
                 rows.append({**base, "measure": "task accuracy", "better": "higher", **_fields(t)})
         if healthy_stages:
             note = ("" if len(healthy_stages) == store.n_stages else
-                    "checkpoints " + ", ".join(map(str, healthy_stages)) + " only (the others failed the health check)")
+                    "checkpoint" + ("s " if len(healthy_stages) > 1 else " ") + ", ".join(map(str, healthy_stages))
+                    + " only; the others failed the health check")
             base = {"scope": "run", "stage": math.nan, "task": "", "method": REFERENCE, "vs": other,
                     "evidence": True, "note": note, "stages": healthy_stages}
             for key, task, metric, better in safety:
@@ -290,10 +291,11 @@ def _sentence(r: Any) -> str:
     d = r["diff"]
     test = "McNemar" if r["test"] == "mcnemar" else "paired bootstrap"
     pairs = ""
+    unit_name = "item" if r["measure"] == "task accuracy" else "prompt"
     if r["test"] == "mcnemar" and r.get("only_a") is not None and not pd.isna(r.get("only_a")):
         pairs = f"; {int(r['only_a'])} prompts only by Moderate-G_i, {int(r['only_b'])} only by {other}"
     elif r["scope"] == "run":
-        pairs = "; per prompt averaged over the checkpoints and seeds"
+        pairs = f"; each {unit_name} averaged over the checkpoints and seeds"
     word = "points more" if r["measure"] != "task accuracy" else "points higher"
     if d < 0:
         word = "points fewer" if r["measure"] != "task accuracy" else "points lower"
@@ -302,9 +304,9 @@ def _sentence(r: Any) -> str:
     text = (f"{where}, Moderate-G_i {verb} {r['value']:.1f}{unit} {what}, {other} {r['value_vs']:.1f}{unit}: "
             f"{abs(d):.1f} {word} (95% CI [{r['lo']:+.1f}, {r['hi']:+.1f}], {test} {_p_text(r['p'])}, "
             f"n = {int(r['n'])}{pairs})")
-    reading = {"better": "a difference these prompts resolve, in Moderate-G_i's favour",
-               "worse": f"a difference these prompts resolve, in {other}'s favour",
-               "level": "no difference these prompts resolve"}[_resolved(r)]
+    reading = {"better": f"a difference these {unit_name}s resolve, in Moderate-G_i's favour",
+               "worse": f"a difference these {unit_name}s resolve, in {other}'s favour",
+               "level": f"no difference these {unit_name}s resolve"}[_resolved(r)]
     return text + f": {reading}."
 
 
@@ -345,8 +347,11 @@ def _takeaways(store: RunStore, table: pd.DataFrame) -> list[str]:
             def at(ks: list[int]) -> str:
                 return ("after stage" + ("s " if len(ks) > 1 else " ") + ", ".join(map(str, ks))) if ks else "nowhere"
 
-            parts.append(f"{measure} better {at(better)}, worse {at(worse)}"
-                         + (", level elsewhere" if len(better) + len(worse) < len(stages) else ""))
+            if not better and not worse:
+                parts.append(f"{measure} level at every checkpoint")
+            else:
+                parts.append(f"{measure} better {at(better)}, worse {at(worse)}"
+                             + (", level elsewhere" if len(better) + len(worse) < len(stages) else ""))
         checked = ok["stage"].nunique()
         head = (f"Moderate-G_i against {_label(other)}, over {checked} healthy checkpoint"
                 f"{'s' if checked != 1 else ''}" + (f" ({n_bad} left out: failed the health check)" if n_bad else ""))
