@@ -107,6 +107,11 @@ def _eager(model: nn.Module):
             where[key] = value
 
 
+def _computes(out) -> bool:
+    """Does a torch function's result carry values computed from its inputs (a tensor), not just metadata?"""
+    return any(isinstance(x, torch.Tensor) for x in tree_leaves(out))
+
+
 class _Tracer(TorchFunctionMode):
     """Inside one module's forward: captures the traced calls on the module's own parameters.
 
@@ -135,8 +140,8 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", repr(func))
-        if name == "__get__" and not isinstance(out, torch.Tensor):
-            return out  # an attribute read (dtype, device, shape)
+        if not _computes(out):
+            return out  # a read (dtype, device, shape, is_floating_point()), no computation
         if func in self.rule.traced and self.rule.traced_params(func, args, kwargs) == used:
             self.func = func
             try:
@@ -163,19 +168,21 @@ class _Usage(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         eng = self.engine
-        if torch.is_grad_enabled() and not hooks_suspended():
-            for a in tree_leaves((args, kwargs)):
-                if isinstance(a, torch.Tensor) and id(a) in eng._owner_group:
-                    group, pname = eng._owner_group[id(a)]
-                    if group.demoted or any(eng._running.get(m, 0) for m in group.modules):
-                        continue
-                    out = func(*args, **kwargs)
-                    if getattr(func, "__name__", "") == "__get__" and not isinstance(out, torch.Tensor):
-                        return out
+        if not torch.is_grad_enabled() or hooks_suspended():
+            return func(*args, **kwargs)
+        outside = {}
+        for a in tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor) and id(a) in eng._owner_group:
+                group, pname = eng._owner_group[id(a)]
+                if not group.demoted and not any(eng._running.get(m, 0) for m in group.modules):
+                    outside.setdefault(id(group), (group, pname))
+        out = func(*args, **kwargs)
+        if outside and _computes(out):  # not a mere read (dtype, shape, is_floating_point())
+            for group, pname in outside.values():
+                if not group.demoted:
                     eng._demote(group, group.modules[0], f"its parameter {pname} is used outside its forward "
                                 f"(by {getattr(func, '__name__', func)}())")
-                    return out
-        return func(*args, **kwargs)
+        return out
 
 
 class _Group:
@@ -527,8 +534,13 @@ class GhostNormEngine:
         for m in group.modules:
             if self.group_of.get(m) is group:
                 del self.group_of[m]
-        params = [p for m in group.modules for p in m._parameters.values()
-                  if p is not None and id(p) in self.target and all(p is not q for q in self.fallback)]
+        have = {id(q) for q in self.fallback}
+        params = []
+        for m in group.modules:
+            for p in m._parameters.values():
+                if p is not None and id(p) in self.target and id(p) not in have:
+                    have.add(id(p))
+                    params.append(p)
         self._check_fallback_size(params)
         self.fallback.extend(params)
         warnings.warn(f"gradsift: {where}: {reason}; its parameters go to the exact per-sample fallback "

@@ -36,7 +36,7 @@ _TINY = {
     # feed-forward widths
     "intermediate_size": FFN, "ffn_dim": FFN, "n_inner": FFN, "decoder_ffn_dim": FFN, "encoder_ffn_dim": FFN,
     "moe_intermediate_size": 24, "shared_expert_intermediate_size": 24, "expert_intermediate_size": 24,
-    "ffn_hidden_size": FFN, "d_ff": FFN, "d_inner": FFN, "mlp_dim": FFN, "ffn_size": FFN,
+    "ffn_hidden_size": FFN, "d_ff": FFN, "dff": FFN, "d_inner": FFN, "mlp_dim": FFN, "ffn_size": FFN,
     # depth
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "decoder_layers": LAYERS,
     "encoder_layers": LAYERS, "n_layers": LAYERS,
@@ -186,12 +186,19 @@ def make_batch(seed: int = 0, B: int = 3, T: int = 9, pad_id: int = 2) -> dict[s
 def add_lora(model: nn.Module) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    def suffix(name: str) -> str:  # "mlp.fc1", or "ffn.0" for a Linear inside a Sequential
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+    targets = sorted({suffix(n) for n, m in model.named_modules() if type(m) is nn.Linear
                       and not n.endswith(("lm_head", "embed_out", "output"))})
     if not targets:
         raise Unbuildable("no nn.Linear layer for LoRA to adapt")
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
-    model = get_peft_model(model, cfg)
+    try:
+        model = get_peft_model(model, cfg)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise Unbuildable(f"PEFT cannot add LoRA: {str(e).splitlines()[0][:160]}") from e
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -238,6 +245,12 @@ def check_family(model_type: str, params: str = "all", lora: bool = False, seed:
     except Unbuildable as e:
         return Outcome("unbuildable", str(e))
     batch = make_batch(seed)
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except Exception as e:  # noqa: BLE001
+        return Outcome("unbuildable", f"the model's own forward fails: {type(e).__name__}: {str(e).splitlines()[0][:140]}")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
