@@ -23,7 +23,7 @@ from pathlib import Path
 
 VARIANTS = {"all": ("all", False), "trainable": ("trainable", False), "all+lora": ("all", True),
             "trainable+lora": ("trainable", True)}
-ORDER = ["WRONG", "refused", "exact (fallback)", "exact", "unbuildable"]
+ORDER = ["WRONG", "error", "refused", "exact (fallback)", "exact", "unbuildable"]
 
 
 class _Timeout(Exception):
@@ -76,7 +76,7 @@ def run(types: list[str], variants: list[str], cache: Path, timeout: int) -> dic
 
 def _pattern(names: list[str]) -> list[str]:
     """Parameter names with layer indices folded: model.layers.*.mlp.experts.gate_up_proj."""
-    return sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names})
+    return sorted({re.sub(r"\.\d+\.", ".*.", n.removeprefix("base_model.model.")) for n in names})
 
 
 def summarize(types: list[str], variants: list[str], results: dict) -> list[dict]:
@@ -120,13 +120,16 @@ def write_markdown(rows: list[dict], variants: list[str], path: Path) -> str:
         "with tiny sizes (hidden 32, 2 layers, vocabulary 96, random weights), scored by `GhostNormEngine`",
         "and checked against independent references: G_i against the batch-size-1 loop (`naive_grad_norms`)",
         "and the kept gradient (`accumulate_grad` on two of three samples) against a fresh backward on those",
-        "samples, both to a relative error of 1e-4. Variants: " + ", ".join(f"`{v}`" for v in variants)
-        + " (`trainable` without LoRA: embeddings and the first block frozen).",
+        "samples, both to a relative error of 1e-4. Variants: " + ", ".join(
+            f"`{v}` ({sum(1 for r in rows if v in r['variants'])} families)" for v in variants)
+        + " (`trainable` without LoRA: embeddings and the first block frozen; `+lora`: LoRA on every",
+        "nn.Linear but the head). A family's status is its worst variant's.",
         "",
         "* **exact**: every parameter through a per-layer rule (one backward pass).",
         "* **exact (fallback)**: exact, some parameters through the per-sample fallback (one extra backward",
         "  per sample for those parameters only; slower). The note names them.",
         "* **refused**: the engine raises an error naming the module it cannot score.",
+        "* **WRONG** / **error**: a wrong number or a crash of the engine (none may remain).",
         "* **unbuildable**: the family cannot be built from a tiny config on a CPU here (reason given).",
         "",
         "| status | families |",
@@ -151,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--cache", type=Path, default=Path("benchmarks/results/model_matrix.jsonl"))
     ap.add_argument("--timeout", type=int, default=120, help="seconds per family and variant")
+    ap.add_argument("--from-cache", action="store_true", help="only tabulate what --cache holds (run nothing)")
     a = ap.parse_args(argv)
     from gradsift.norms.families import causal_lm_types
 
@@ -161,16 +165,26 @@ def main(argv=None) -> int:
         print(f"unknown variants {bad}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
     a.cache.parent.mkdir(parents=True, exist_ok=True)
-    results = run(types, variants, a.cache, a.timeout)
+    if a.from_cache:
+        results = {}
+        for line in a.cache.read_text().splitlines():
+            r = json.loads(line)
+            results[(r["family"], r["variant"])] = r
+        variants = [v for v in variants if any(k[1] == v for k in results)]
+        complete = [v for v in variants if all((t, v) in results for t in types)]
+        if complete != variants:
+            print(f"partial in the cache: {sorted(set(variants) - set(complete))}", file=sys.stderr)
+    else:
+        results = run(types, variants, a.cache, a.timeout)
     rows = summarize(types, variants, results)
     counts = Counter(r["status"] for r in rows)
     print(", ".join(f"{k}: {counts[k]}" for k in ORDER if counts.get(k)))
     for r in rows:
-        if r["status"] in ("WRONG", "refused"):
+        if r["status"] in ("WRONG", "error", "refused"):
             print(f"{r['status']}: {r['family']}: {r['note']}")
     if a.write:
         write_markdown(rows, variants, a.write)
-    return 1 if counts.get("WRONG") else 0
+    return 1 if counts.get("WRONG") or counts.get("error") else 0
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def add_lora(model: nn.Module) -> nn.Module:
 
 @dataclass
 class Outcome:
-    status: str  # "exact", "exact (fallback)", "refused", "WRONG", "unbuildable"
+    status: str  # "exact", "exact (fallback)", "refused", "WRONG", "error", "unbuildable"
     detail: str = ""
     norm_err: float = math.nan
     grad_err: float = math.nan
@@ -266,6 +266,8 @@ def check_family(model_type: str, params: str = "all", lora: bool = False, seed:
                 fallback = [eng.param_names[id(p)] for p in eng.fallback]
     except (NotImplementedError, ValueError) as e:
         return Outcome("refused", str(e).splitlines()[0][:300])
+    except Exception as e:  # noqa: BLE001 - the model's own forward ran: an error of the engine
+        return Outcome("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     del caught
     try:
         G_ref, _ = naive_grad_norms(model, batch, params=params)

@@ -14,8 +14,10 @@ computes position ids from the attention mask (OPT's learned positions), or
 that normalizes the lookup, is exact; one that uses W any other way (a
 normalized weight, a second product) sends W to the exact fallback.
 
-Position ids of batch size 1 (GPT-2's wpe) are expanded to the batch in the
-forward pass so that each sample's gradient stays separate.
+Position ids of batch size 1, (1, T) (GPT-2's wpe), are expanded to the batch in
+the forward pass so that each sample's gradient stays separate (the model adds the
+(1, T, d) lookup to its (B, T, d) states); 1-D positions shared by the batch go to
+the fallback.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class EmbeddingRule(Rule):
         ids = _arg(args, kwargs, 0, "input").detach()
         pad = _arg(args, kwargs, 2, "padding_idx")
         if ids.dim() == 1 and ids.shape[0] != batch_size:
-            ids, output = ids.unsqueeze(0), output.unsqueeze(0)  # one sequence of positions for the whole batch
+            # one sequence of positions shared by the whole batch, (T, d): expanding it to (B, T, d) would
+            # change the shape the model goes on with (RoFormer indexes it as pos[None, None])
+            raise Unmappable(f"ids of shape {tuple(ids.shape)} are shared by the {batch_size} samples of the batch")
         if ids.dim() >= 1 and ids.shape[0] == 1 and batch_size > 1:
             ids = ids.expand(batch_size, *ids.shape[1:])
             output = output.expand(batch_size, *output.shape[1:])
