@@ -397,7 +397,8 @@ def drift_study(run_dir: str | Path, *, pretrained: str | None = None, n_harmful
             rows += [{"run": key[0], "method": m, "seed": int(seed), "stage": key[1], **r} for r in got]
     frame = pd.DataFrame(rows).sort_values(["run", "stage"], kind="stable")
     frame.to_csv(out_dir / DRIFT_FILE, index=False)
-    _update_meta(out_dir, "drift", {**settings, "n_replies": len(records), "measured": len(todo),
+    measured = len({(c.run if c.stage else "", c.stage) for c in todo})  # stage 0: one model
+    _update_meta(out_dir, "drift", {**settings, "n_replies": len(records), "measured": measured,
                                     "default_direction": DEFAULT_DIRECTION, "checkpoints": len(ckpts),
                                     "seconds": time.time() - t0})
     return frame
