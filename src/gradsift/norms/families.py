@@ -190,7 +190,8 @@ def add_lora(model: nn.Module) -> nn.Module:
         parts = name.split(".")
         return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
-    targets = sorted({suffix(n) for n, m in model.named_modules() if type(m) is nn.Linear
+    targets = sorted({suffix(n) for n, m in model.named_modules()
+                      if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
                       and not n.endswith(("lm_head", "embed_out", "output"))})
     if not targets:
         raise Unbuildable("no nn.Linear layer for LoRA to adapt")
