@@ -15,7 +15,8 @@ mean refusal stays within ``tolerance`` percentage points of the unperturbed
 model's. Each direction's own width is kept too. A random Gaussian direction and
 its negative are equally likely, so one sign per direction is measured.
 
-Defaults, sized for the embedded 135M model on two CPU cores: 4 directions,
+Defaults, meant to fit about 15 minutes for the demo's checkpoints of the embedded 135M model
+on two CPU cores (see docs/analysis.md for what was measured): 4 directions,
 radii 0.025, 0.05, 0.1, 0.2, 16 prompts, replies of 16 tokens, tolerance 10 points;
 measured on stage 0 and the last stage of every run (``stages="last"``). The
 paper uses 100 directions: with 4 the mean refusal curve at each radius carries the
