@@ -347,3 +347,20 @@ def test_trl_sft_trainer_drop_in_steps_on_the_moderate_samples(tmp_path, tokeniz
     G_ref, L_ref = naive_grad_norms(model, plain, params="all")
     assert kept.tolist() == select.moderate(G_ref, L_ref, rho=0.2).tolist() and len(kept) == 2
     assert_grads_close(got, fresh_grads_on(model, plain, kept))
+
+
+def test_packed_batch_is_refused_by_the_selection_step(tmp_path):
+    """Position ids that restart inside a row mean two samples in one row: refused, never scored as one."""
+    model = tiny_lora_model()
+    batch = make_batch(B=4, T=12)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    batch["position_ids"] = torch.cat([torch.arange(6), torch.arange(6)]).repeat(4, 1)
+    trainer = make_trainer(model, tmp_path, "moderate", stage_label="stage 1/2 (dolly)")
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"stage 1/2 \(dolly\): the batch packs several samples into one row"):
+        trainer.training_step(trainer.model, dict(batch))
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
+    assert all(p.grad is None for p in model.parameters())
+    # the same rows without the restarting positions train
+    del batch["position_ids"]
+    trainer.training_step(trainer.model, dict(batch))

@@ -291,6 +291,7 @@ class SelectionStepMixin:
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
+        _refuse_packed(inputs, self.stage_label)
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
         rows = inputs.get("row")
         unwrapped = self.accelerator.unwrap_model(model)
@@ -566,6 +567,24 @@ def _accumulate_weighted(engine, idx: torch.Tensor, w: torch.Tensor, scale: floa
     w = w.to(idx.device)
     for value in torch.unique(w):
         engine.accumulate_grad(idx[w == value], scale=float(value) * scale)
+
+
+def _refuse_packed(inputs: dict[str, Any], label: str) -> None:
+    """Selection trains on whole samples, one per row: a packed or padding-free batch is refused.
+
+    The scorer can score packed rows per packed sample, but the training step selects and
+    updates rows; scoring a packed row as one sample would silently select the wrong thing.
+    """
+    from gradsift.norms.packing import segment_starts
+
+    if inputs.get("labels") is None or inputs.get("input_ids") is None:
+        return
+    starts, _ = segment_starts(inputs)
+    if starts is not None:
+        raise ValueError(
+            f"{label}: the batch packs several samples into one row (position_ids that restart, cu_seq_lens or "
+            "seq_idx); selection methods need one sample per row: turn packing / padding_free off"
+        )
 
 
 def _kept_chunks(local, chunk: int):
