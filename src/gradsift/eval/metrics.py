@@ -277,16 +277,10 @@ unanswerable) and ``squad_v2_exact`` its exact match."""
 
 def score_task(metric: str, predictions: Sequence[str], references: Sequence[Any]) -> float:
     """Mean of a :data:`TASK_METRICS` metric over a task, in PERCENT (0-100)."""
-    try:
-        fn = TASK_METRICS[metric]
-    except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(TASK_METRICS)}") from None
-    if len(predictions) != len(references):
-        raise ValueError(f"{metric}: {len(predictions)} predictions but {len(references)} references")
-    if not predictions:
+    scores = item_scores(metric, predictions, references)
+    if not scores:
         raise ValueError(f"{metric}: no predictions to score")
-    total = sum(fn(p, r) for p, r in zip(predictions, references, strict=True))
-    return 100.0 * total / len(predictions)
+    return 100.0 * sum(scores) / len(scores)
 
 
 def item_scores(metric: str, predictions: Sequence[str], references: Sequence[Any]) -> list[float]:
