@@ -5,7 +5,6 @@
 import time, torch, json
 from gradsift.models import load_model, load_tokenizer
 from gradsift.norms import GhostNormEngine
-from gradsift.data.records import read_records
 torch.manual_seed(0)
 m = load_model("embedded"); tok = load_tokenizer("embedded")
 rows = [json.loads(l) for l, _ in zip(open("/work/shared/data/gsm8k/train.jsonl"), range(8))]
