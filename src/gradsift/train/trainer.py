@@ -175,12 +175,17 @@ class SelectionStepMixin:
         if self._engine is None:
             from gradsift.norms import GhostNormEngine
 
-            import inspect
+            verify = self.method.verify
+            if verify and self.shards_parameters:
+                # the self-check's reference is a per-sample backward with whole weight gradients on
+                # one process; with FSDP / ZeRO-3 no process holds them, so it cannot be formed here
+                import warnings
 
-            kwargs = {}
-            if "verify" in inspect.signature(GhostNormEngine).parameters:
-                kwargs["verify"] = self.method.verify
-            self._engine = GhostNormEngine(model, params=self.method.params, keep_grads=True, **kwargs)
+                warnings.warn("gradsift: the first-batch norm self-check is skipped while the parameters are "
+                              "sharded (FSDP / ZeRO-3); run it unsharded (e.g. `gradsift score`) to check "
+                              "this model", stacklevel=2)
+                verify = False
+            self._engine = GhostNormEngine(model, params=self.method.params, keep_grads=True, verify=verify)
         return self._engine
 
     def close_engine(self) -> None:
