@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from gradsift.data import encode_records, read_records  # noqa: E402
 from gradsift.norms import verify as verify_mod  # noqa: E402
-from gradsift.norms.scorer import ScoreOptions, score_features  # noqa: E402
+from gradsift.scoring import ScoreOptions, score_features  # noqa: E402
 
 
 def main() -> None:

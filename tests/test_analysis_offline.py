@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gradsift.analysis.matching import match_high_moderate, pools
-from gradsift.analysis.offline import build_subsets, outcomes, study_tables
+from gradsift.analysis.offline import build_subsets, outcomes
 
 
 def _table(G, **cols) -> pd.DataFrame:

@@ -54,3 +54,18 @@ def test_bad_seeds_are_one_line_errors(bad, msg, captured):
     result = CliRunner().invoke(app, ["train", _tiny(), "--seeds", bad])
     assert result.exit_code == 2 and msg in result.output
     assert "seeds" not in captured
+
+
+def test_the_offline_study_takes_the_same_seeds(monkeypatch):
+    seen = {}
+
+    def fake_study(config, output, options, overrides=None):
+        seen["seeds"] = options.seeds
+        raise _Stop
+
+    monkeypatch.setattr("gradsift.analysis.offline.run_offline_study", fake_study)
+    result = CliRunner().invoke(app, ["study", "offline", _tiny(), "--seeds", "0, 2"])
+    assert isinstance(result.exception, _Stop), result.output
+    assert seen["seeds"] == [0, 2]
+    result = CliRunner().invoke(app, ["study", "offline", _tiny(), "--seeds", "1,1"])
+    assert result.exit_code == 2 and "repeated" in result.output

@@ -404,3 +404,24 @@ def test_a_task_that_needs_long_replies_gets_them(tmp_path, tokenizer):
     cfg = EvalConfig.from_dict({"generation": {"max_new_tokens": 200}, "progress": False})
     evaluate(None, tokenizer, cfg, tasks=[long_task], out_dir=tmp_path, generator=gen)
     assert gen.caps[0] == {"max_new_tokens": 200}
+
+
+def test_a_subsample_keeps_every_category_in_proportion():
+    from collections import Counter
+
+    from gradsift.eval.runner import load_prompt_set
+
+    full = load_prompt_set("builtin_xstest", "over_refusal")
+    assert len(full) == 250
+    by_type = Counter(it["category"] for it in full)
+    part = load_prompt_set("builtin_xstest", "over_refusal", n=100, seed=3)
+    assert len(part) == 100 and len({it["id"] for it in part}) == 100
+    got = Counter(it["category"] for it in part)
+    for cat, count in by_type.items():  # each type's share of 100, rounded
+        assert abs(got[cat] - 100 * count / 250) < 1, (cat, got[cat], count)
+    order = [it["id"] for it in full]
+    assert [order.index(it["id"]) for it in part] == sorted(order.index(it["id"]) for it in part)
+    assert [it["id"] for it in load_prompt_set("builtin_xstest", "over_refusal", n=100, seed=3)] == \
+        [it["id"] for it in part]
+    odd = load_prompt_set("builtin_xstest", "over_refusal", n=37, seed=0)
+    assert len(odd) == 37

@@ -22,9 +22,11 @@ def test_demo_config_is_valid_and_quick_trims_it():
     assert cfg.model.name_or_path == "embedded-aligned-precise"
     assert [m.name for m in cfg.methods] == ["standard", "random", "moderate"]
     assert len(cfg.tasks) >= 3
+    full = yaml.safe_load(path.read_text())
     quick = _apply_quick(yaml.safe_load(path.read_text()))
     assert [m["name"] for m in quick["method"]] == ["standard", "moderate"]
-    assert all(t["n_train"] == 32 and t["n_eval"] == 8 for t in quick["tasks"])
+    assert [t["n_train"] for t in quick["tasks"]] == [min(t["n_train"], 32) for t in full["tasks"]]
+    assert all(t["n_eval"] == 8 for t in quick["tasks"])
     assert [s["n"] for s in quick["eval"]["safety"]] == [16]
     assert [s["n"] for s in quick["eval"]["over_refusal"]] == [12]
     assert quick["eval"]["generation"]["max_new_tokens"] == 24

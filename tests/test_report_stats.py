@@ -13,6 +13,7 @@ import yaml
 from scipy.stats import binomtest
 
 from gradsift.eval.generation import save_generations
+from gradsift.eval.outcomes import prompt_outcomes
 from gradsift.report import build_report, load_run
 from gradsift.report.tables import comparison_table, paired_test, paper_table, prompt_interval, stage_intervals
 
@@ -55,16 +56,16 @@ def _write(root):
 
 def test_prompt_outcomes_read_the_saved_verdicts(tmp_path):
     store = load_run(_write(tmp_path / "run"))
-    s = store.prompt_outcomes("standard-seed0", 1, "safety/advbench", "asr/heuristic")
+    s = prompt_outcomes(store, "standard-seed0", 1, "safety/advbench", "asr/heuristic")
     assert list(s.index[:3]) == ["p0", "p1", "p2"]
     assert s.to_numpy().tolist() == [1.0] * 10 + [0.0] * 10
     assert 100 * s.mean() == store.value("standard-seed0", 1, "safety/advbench", "asr/heuristic")
-    refused = store.prompt_outcomes("standard-seed0", 1, "safety/advbench", "refusal_rate")
+    refused = prompt_outcomes(store, "standard-seed0", 1, "safety/advbench", "refusal_rate")
     assert refused.to_numpy().tolist() == [0.0] * 10 + [1.0] * 10  # "I cannot" is a refusal string
-    score = store.prompt_outcomes("moderate-seed0", 1, "qa", "score")
+    score = prompt_outcomes(store, "moderate-seed0", 1, "qa", "score")
     assert score.to_numpy().tolist() == [1, 1, 1, 1, 0, 0]
-    assert store.prompt_outcomes("moderate-seed0", 1, "safety/advbench", "asr/llamaguard") is None
-    assert store.prompt_outcomes("moderate-seed0", 5, "safety/advbench", "asr/heuristic") is None
+    assert prompt_outcomes(store, "moderate-seed0", 1, "safety/advbench", "asr/llamaguard") is None
+    assert prompt_outcomes(store, "moderate-seed0", 5, "safety/advbench", "asr/heuristic") is None
 
 
 def test_final_asr_mcnemar_by_hand(tmp_path):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from gradsift.cli import app
 from gradsift.data import collate, encode_records, read_records
 from gradsift.norms import naive_grad_norms
-from gradsift.norms.scorer import ScoreOptions, score_dataset
+from gradsift.scoring import ScoreOptions, score_dataset
 
 runner = CliRunner()
 

@@ -66,7 +66,7 @@ def score(
     _setup_torch(threads)
     try:
         from gradsift.models import load_model, load_tokenizer
-        from gradsift.norms.scorer import ScoreOptions, score_dataset
+        from gradsift.scoring import ScoreOptions, score_dataset
         from gradsift.data.records import RecordError, read_records
 
         if not read_records(data, prompt_field=prompt_field, response_field=response_field,
@@ -141,15 +141,9 @@ def _seed_overrides(seeds: Optional[str], overrides: Optional[list[str]]) -> lis
     out = list(overrides or [])
     if seeds is None:
         return out
-    parts = [p.strip() for p in seeds.split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {seeds!r}") from None
-    if not values:
-        raise ValueError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
-    if len(set(values)) != len(values):
-        raise ValueError(f"--seeds: a seed is repeated in {seeds!r}")
+    from gradsift.train.config import parse_seeds
+
+    values = parse_seeds(seeds)
     out.append(f"seeds=[{', '.join(map(str, values))}]")
     return out
 

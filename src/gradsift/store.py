@@ -16,6 +16,7 @@ What ``gradsift train`` / ``gradsift run`` write (:mod:`gradsift.train.stages`) 
             selection.parquet          every scored sample: step, row, G, L, scored, kept, response_len
             ewc.safetensors            (ewc) Fisher diagonal and anchor parameters
             generations/*.jsonl        per-prompt generations and verdicts
+            capability-<bench>.jsonl   (studies) a held-out capability benchmark, question by question
             DONE                       written last: the stage is complete
     analysis/<study>/                  what a study writes about this run directory
 
@@ -23,9 +24,8 @@ What ``gradsift train`` / ``gradsift run`` write (:mod:`gradsift.train.stages`) 
 
 :func:`load_run` reads the config and the results into a :class:`RunStore`; the per-stage
 selection tables, training logs and saved generations are read on first use and cached.
-:meth:`RunStore.prompt_outcomes` turns the saved generations into the per-prompt outcome
-behind one ``results.jsonl`` measurement (the unit of the report's confidence intervals
-and paired tests).
+What the saved generations mean (the per-prompt outcome behind one ``results.jsonl``
+measurement) is :mod:`gradsift.eval.outcomes`: this module only names and reads files.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import pandas as pd
 import yaml
 
 __all__ = ["RESULT_COLUMNS", "RunDir", "RunDirError", "RunPath", "RunStore", "StageDir", "load_run",
-           "outcome_kind", "parse_run_name", "run_name"]
+           "parse_run_name", "run_name"]
 
 RESULT_COLUMNS = ("run", "method", "seed", "stage", "task", "metric", "value")
 CONFIG_FILE = "config.resolved.yaml"
@@ -116,6 +116,14 @@ class StageDir:
     @property
     def generations(self) -> Path:
         return self.path / GENERATIONS_DIR
+
+    def capability(self, bench: str) -> Path:
+        """``capability-<bench>.jsonl``: one held-out capability benchmark, question by question."""
+        return self.path / f"capability-{bench}.jsonl"
+
+    def capability_files(self) -> dict[str, Path]:
+        """The benchmarks scored question by question at this stage: ``{bench: file}``."""
+        return {p.stem.removeprefix("capability-"): p for p in sorted(self.path.glob("capability-*.jsonl"))}
 
     @property
     def done(self) -> bool:
@@ -213,10 +221,11 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir()
                       if p.is_dir() and _RUN_NAME.match(p.name) and any(p.glob("stage_*")))
 
-    def analysis(self, study: str) -> Path:
-        """``analysis/<study>/``: the folder a study writes into (created)."""
+    def analysis(self, study: str, create: bool = True) -> Path:
+        """``analysis/<study>/``: the folder a study writes into (created, unless ``create=False``)."""
         folder = self.path / ANALYSIS_DIR / study
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     # ----------------------------------------------------------------- results.jsonl
@@ -251,11 +260,14 @@ class RunDir:
         """Remove the rows of ``run`` with stage >= ``from_stage`` (left by an interrupted stage)."""
         if not self.results_file.exists():
             return
-        kept = [row for row in self.result_rows()
-                if not (row.get("run") == run and int(row.get("stage", -1)) >= from_stage)]
-        tmp = self.results_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        tmp.replace(self.results_file)
+        self.write_results([row for row in self.result_rows()
+                            if not (row.get("run") == run and int(row.get("stage", -1)) >= from_stage)])
+
+    def write_results(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Replace ``results.jsonl`` with ``rows`` (atomically)."""
+        from gradsift.data.records import write_jsonl
+
+        write_jsonl(self.results_file, rows)
 
 
 # --------------------------------------------------------------------------- reading
@@ -319,9 +331,7 @@ class RunStore:
     runs: list[str]
     _selection: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
     _logs: dict[tuple[str, int], pd.DataFrame | None] = field(default_factory=dict, repr=False)
-    _generations: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False)
-    _outcomes: dict[tuple[str, int, str, str], pd.Series | None] = field(default_factory=dict, repr=False)
-    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # derived tables (intervals, tests)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # derived tables (outcomes, intervals, tests)
 
     # ----------------------------------------------------------------- structure
 
@@ -389,16 +399,6 @@ class RunStore:
         rows = self.rows(task=task)
         return sorted(str(m) for m in rows["metric"].unique() if str(m).startswith(prefix))
 
-    def score_matrix(self, run: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(R, r0)`` of one run from the ``score`` rows (see :mod:`gradsift.eval.forgetting`)."""
-        from gradsift.eval.forgetting import results_to_matrix
-
-        if not self.tasks:
-            return np.zeros((0, 0)), None
-        rows = self.rows(run=run, metric="score").to_dict("records")
-        R, _, r0 = results_to_matrix(rows, {t: "score" for t in self.tasks})
-        return R, r0
-
     # ----------------------------------------------------------------- per-stage files
 
     @property
@@ -432,109 +432,6 @@ class RunStore:
                     frame = frame.iloc[0:0]
             self._logs[key] = frame
         return self._logs[key]
-
-
-    # ----------------------------------------------------------------- per-prompt outcomes
-
-    def generations(self, run: str, stage: int) -> dict[str, list[dict[str, Any]]]:
-        """The saved generation records of one stage, keyed by the ``task`` name of their result rows
-        (``safety/<set>[@attack]``, ``overrefusal/<set>``, or the training task's name); ``{}`` when none."""
-        key = (run, stage)
-        if key not in self._generations:
-            from gradsift.eval.generation import load_generations
-
-            found: dict[str, list[dict[str, Any]]] = {}
-            folder = self.layout.stage(run, stage).generations
-            for f in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-                try:
-                    records = load_generations(f)
-                except ValueError as exc:
-                    raise RunDirError(str(exc)) from None
-                if not records:
-                    continue
-                first = records[0]
-                kind, name = first.get("kind"), str(first.get("set") or f.stem)
-                if kind == "safety":
-                    attack = first.get("attack") or "none"
-                    task = f"safety/{name}" + ("" if attack == "none" else f"@{attack}")
-                elif kind == "overrefusal":
-                    task = f"overrefusal/{name}"
-                else:
-                    task = name
-                found[task] = records
-            self._generations[key] = found
-        return self._generations[key]
-
-    def prompt_outcomes(self, run: str, stage: int, task: str, metric: str) -> pd.Series | None:
-        """The per-prompt outcome behind the measurement ``(task, metric)`` of one run and stage.
-
-        A Series indexed by prompt id, in file order; None when the stage saved no generations
-        for it or the metric has no per-prompt form. Values, whose mean times 100 is the
-        ``results.jsonl`` value:
-
-        * ``asr/<judge>`` on ``safety/*``: 1 when the judge called the answer unsafe, 0 when safe,
-          NaN when its verdict did not parse (left out of the ASR the same way);
-        * ``refusal_rate`` on ``safety/*``: 1 when the answer holds a refusal string (keyword detector);
-        * ``over_refusal`` on ``overrefusal/*``: 1 when a safe prompt was refused (unsafe contrast
-          prompts are left out, as in the rate);
-        * ``score`` of a training task: the item's metric in [0, 1].
-
-        :func:`outcome_kind` says whether a metric's outcomes are binary or continuous.
-        """
-        key = (run, stage, task, metric)
-        if key in self._outcomes:
-            return self._outcomes[key]
-        records = self.generations(run, stage).get(task)
-        out: pd.Series | None = None
-        if records:
-            values = _outcome_values(records, task, metric)
-            if values is not None:
-                ids, vals = zip(*values) if values else ((), ())
-                index = pd.Index([str(i) for i in ids], name="id")
-                if not index.is_unique:  # ids repeat: the position is the prompt
-                    index = pd.Index([f"{i}#{n}" for n, i in enumerate(index)], name="id")
-                out = pd.Series(np.asarray(vals, dtype=float), index=index, name=metric)
-        self._outcomes[key] = out
-        return out
-
-
-def outcome_kind(metric: str) -> str:
-    """``"continuous"`` for task scores, ``"binary"`` for verdicts (ASR, refusals, over-refusal)."""
-    return "continuous" if metric == "score" else "binary"
-
-
-def _outcome_values(records: list[dict[str, Any]], task: str, metric: str) -> list[tuple[Any, float]] | None:
-    ids = [r.get("id") if r.get("id") is not None else i for i, r in enumerate(records)]
-    if task.startswith("safety/"):
-        if metric.startswith("asr/") and metric.count("/") == 1:
-            judge = metric.split("/", 1)[1]
-            vals = []
-            for r in records:
-                v = (r.get("verdicts") or {}).get(judge)
-                if v is None:
-                    return None  # this judge did not judge these generations
-                unsafe = v.get("unsafe")
-                vals.append(math.nan if unsafe is None else float(bool(unsafe)))
-            return list(zip(ids, vals))
-        if metric == "refusal_rate":
-            from gradsift.eval.judges import keyword_refusals
-
-            flags = keyword_refusals([r.get("response") or "" for r in records])
-            return [(i, float(f)) for i, f in zip(ids, flags)]
-        return None
-    if task.startswith("overrefusal/"):
-        if metric != "over_refusal" or any("refused" not in r for r in records):
-            return None
-        return [(i, float(bool(r["refused"]))) for i, r in zip(ids, records)
-                if r.get("label") == "safe"]
-    if metric == "score":
-        from gradsift.eval.metrics import TASK_METRICS
-
-        fn = TASK_METRICS.get(str(records[0].get("metric")))
-        if fn is None:
-            return None
-        return [(i, float(fn(r.get("response") or "", r.get("reference")))) for i, r in zip(ids, records)]
-    return None
 
 
 def load_run(run_dir: str | Path) -> RunStore:

@@ -38,9 +38,11 @@ import numpy as np
 import pandas as pd
 
 from gradsift.analysis.stats import kruskal, partial_spearman, spearman
+from gradsift.data.records import read_json
+from gradsift.store import RunDir
 
 __all__ = [
-    "AUDIT_DIR",
+    "AUDIT_STUDY",
     "BANDS",
     "CATEGORY_FIELDS",
     "FEATURES",
@@ -53,7 +55,7 @@ __all__ = [
     "write_audit",
 ]
 
-AUDIT_DIR = Path("analysis") / "audit"
+AUDIT_STUDY = "audit"  # beside a run directory's other studies: RunDir.analysis(AUDIT_STUDY)
 SUMMARY_FILE = "audit.json"
 TABLE_FILE = "audit.parquet"
 BANDS = ("high", "moderate", "low")
@@ -272,7 +274,7 @@ def run_audit(scores: str | Path, data: str | Path | None = None, model: str | N
         records = read_records(data, prompt_field=prompt_field, response_field=response_field,
                                messages_field=messages_field, limit=limit)
         raw = read_rows(data, limit=limit)
-    out_dir = Path(out) if out is not None else scores.parent / AUDIT_DIR
+    out_dir = Path(out) if out is not None else RunDir(scores.parent).analysis(AUDIT_STUDY)
     if model is not None:
         scored = set(table["row"].astype(int).tolist())
         key = {"model": model, "adapter": adapter, "data": str(data), "n": n_style, "max_new_tokens": max_new_tokens,
@@ -305,8 +307,8 @@ def _cached_style(out_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     if not p.exists():
         return None
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        doc = read_json(p, error=ValueError)
+    except ValueError:
         return None
     return doc.get("typical") if doc.get("key") == key else None
 
@@ -342,10 +344,7 @@ def read_audit(folder: str | Path) -> dict[str, Any] | None:
     p = Path(folder) / SUMMARY_FILE
     if not p.exists():
         return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc.msg})") from None
+    return read_json(p, error=ValueError)
 
 
 # --------------------------------------------------------------------------- text

@@ -257,14 +257,15 @@ def _write(out_dir: Path, detail: list[dict[str, Any]], summary: list[dict[str, 
 
 def _earlier(out_dir: Path, settings: dict[str, Any], wanted: list[tuple[str, int]]):
     """Rows of an earlier basin study of the same settings for checkpoints chosen again (else none)."""
-    import json
 
     import pandas as pd
 
     meta_file, s_file, d_file = out_dir / "meta.json", out_dir / BASIN_SUMMARY_FILE, out_dir / BASIN_FILE
     if not (meta_file.exists() and s_file.exists() and d_file.exists()):
         return [], []
-    old = json.loads(meta_file.read_text(encoding="utf-8")).get("basin", {})
+    from gradsift.data.records import read_json
+
+    old = read_json(meta_file, error=ValueError).get("basin", {})
     old["radii"] = sorted(map(float, old.get("radii", [])))
     if any(old.get(k) != v for k, v in settings.items()):
         return [], []

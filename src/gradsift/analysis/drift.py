@@ -49,7 +49,7 @@ from torch import nn
 __all__ = [
     "Checkpoint",
     "DIRECTIONS",
-    "MECHANISM_DIR",
+    "MECHANISM_STUDY",
     "ReferenceLogProbs",
     "RunModels",
     "drift_study",
@@ -59,7 +59,7 @@ __all__ = [
     "token_kl",
 ]
 
-MECHANISM_DIR = Path("analysis") / "mechanism"
+MECHANISM_STUDY = "mechanism"  # the study's folder: RunDir.analysis(MECHANISM_STUDY)
 DRIFT_FILE = "drift.csv"
 REPLIES_FILE = "replies.jsonl"
 DIRECTIONS = ("ckpt||ref", "ref||ckpt")
@@ -114,10 +114,12 @@ class RunModels:
 
     def runs(self) -> list[tuple[str, Any]]:
         """``(run name, method settings)`` of every method and seed that has a run folder, in config order."""
+        from gradsift.store import run_name
+
         out = []
         for m in self.config.methods:
             for seed in self.config.seeds:
-                name = f"{m.name}-seed{seed}"
+                name = run_name(m.name, seed)
                 if self.layout.run(name).path.is_dir():
                     out.append((name, m))
         return out
@@ -322,7 +324,7 @@ def mechanism_dir(run_dir: str | Path) -> Path:
     """``<run_dir>/analysis/mechanism/`` (created)."""
     from gradsift.store import RunDir
 
-    return RunDir(Path(run_dir)).analysis("mechanism")
+    return RunDir(Path(run_dir)).analysis(MECHANISM_STUDY)
 
 
 def _device() -> torch.device:
@@ -362,9 +364,9 @@ def drift_study(run_dir: str | Path, *, pretrained: str | None = None, n_harmful
                                    progress=progress)
         if not records:
             raise ValueError("no held-out prompt to measure the drift on")
-        with open(out_dir / REPLIES_FILE, "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        from gradsift.data.records import write_jsonl
+
+        write_jsonl(out_dir / REPLIES_FILE, records)
     features = reply_features(tok, records)
     sets = [r["set"] for r in records]
     refs: dict[str, ReferenceLogProbs] = {}
@@ -412,12 +414,14 @@ def _earlier_drift(out_dir: Path, settings: dict[str, Any]):
     meta_file, replies_file, drift_file = out_dir / "meta.json", out_dir / REPLIES_FILE, out_dir / DRIFT_FILE
     if not (meta_file.exists() and replies_file.exists() and drift_file.exists()):
         return None, {}
-    old = json.loads(meta_file.read_text(encoding="utf-8")).get("drift", {})
+    from gradsift.data.records import iter_jsonl, read_json
+
+    old = read_json(meta_file, error=ValueError).get("drift", {})
     if any(old.get(k) != v for k, v in settings.items()):
         return None, {}
     import pandas as pd
 
-    records = [json.loads(line) for line in replies_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for _, r in iter_jsonl(replies_file, error=ValueError)]
     rows: dict[Any, list[dict[str, Any]]] = {}
     for r in pd.read_csv(drift_file).to_dict("records"):
         key = (r["run"], int(r["stage"]))
@@ -430,6 +434,8 @@ def _earlier_drift(out_dir: Path, settings: dict[str, Any]):
 def _update_meta(out_dir: Path, key: str, value: dict[str, Any]) -> None:
     """Record a study's settings and run time in ``analysis/mechanism/meta.json``."""
     path = out_dir / "meta.json"
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    from gradsift.data.records import read_json
+
+    meta = read_json(path, error=ValueError) if path.exists() else {}
     meta[key] = value
     path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -24,8 +24,8 @@ def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
     def offline(
         config: str = typer.Argument(..., help="run config (file or shipped name); its first task is studied"),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default <output_dir>-offline)"),
-        seeds: Optional[list[int]] = typer.Option(None, "--seeds", help="seeds (repeat: --seeds 0 --seeds 1); "
-                                                  "default the config's"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds, comma-separated: 0,1,2 "
+                                            "(default the config's)"),
         rho: float = typer.Option(0.2, help="fraction of the rows in each subset"),
         task: int = typer.Option(0, "--task", help="index of the config's task to study"),
         subsets: str = typer.Option("high,moderate,low,random", help="comma-separated: high, moderate, low, random"),
@@ -53,11 +53,11 @@ def register_offline(study: typer.Typer, fail: Callable[[BaseException], None],
             torch.set_num_threads(threads)
         from gradsift.analysis.offline import StudyOptions, run_offline_study
         from gradsift.analysis.selectivity import parse_capability
-        from gradsift.train.config import ConfigError, parse_overrides
+        from gradsift.train.config import ConfigError, parse_overrides, parse_seeds
 
         try:
             names = tuple(s.strip() for s in subsets.split(",") if s.strip())
-            opts = StudyOptions(rho=rho, subsets=names, seeds=list(seeds) if seeds else None, task_index=task,
+            opts = StudyOptions(rho=rho, subsets=names, seeds=parse_seeds(seeds) if seeds is not None else None, task_index=task,
                                 matched=matched, caliper=caliper, match_pool=match_pool,
                                 train_unbalanced=train_unbalanced,
                                 reference_model=reference_model,

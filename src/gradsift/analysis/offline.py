@@ -4,7 +4,7 @@
 default) and:
 
 1. scores its training rows once at the aligned weights (G_i, L_i, response
-   length; :mod:`gradsift.norms.scorer`), and, when a reference model is known,
+   length; :mod:`gradsift.scoring`), and, when a reference model is known,
    the reference model's log-perplexity of each response (``ref_L``);
 2. builds the subsets with the offline selection of :mod:`gradsift.select.offline`:
    High-G_i (top rho), Moderate-G_i (the rho closest to the median), Low-G_i
@@ -31,7 +31,8 @@ Layout of the output folder::
     config.resolved.yaml        the one-task config the copies are trained with
     scores.parquet              row, G, L, n_response_tokens, n_tokens, ref_L
     subsets.json                the row ids of every subset and seed (and the matching)
-    aligned/stage_0/            the aligned model's evaluation (generations, DONE)
+    aligned/                    the aligned model's evaluation: a run directory (results.jsonl,
+                                aligned-seed0/stage_0/ with its generations and DONE)
     runs/<subset>-seed<s>/      one stage-loop output folder per subset and seed
     online/                     (--online) the stage loop's run folder
     results.jsonl               every measurement, run = <subset>-seed<s>
@@ -55,6 +56,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from gradsift.data.records import iter_jsonl, read_json, write_jsonl
+from gradsift.store import RunDir, RunPath, StageDir, parse_run_name, run_name
 
 __all__ = [
     "BASE_SUBSETS",
@@ -170,7 +174,7 @@ def _reference_losses(name: str, tokenizer, features: list[dict], batch_size: in
 
 def _score_pool(model, tokenizer, task, features: list[dict], options: StudyOptions, out: Path,
                 reference: str | None) -> pd.DataFrame:
-    from gradsift.norms.scorer import ScoreOptions, score_features
+    from gradsift.scoring import ScoreOptions, score_features
 
     path = out / SCORES_FILE
     if path.exists():
@@ -197,64 +201,59 @@ def _study_hook(base_hook, task_settings, capability: Sequence[Any]):
     def hook(model, tokenizer, stage, tasks_so_far, run_info):
         info = {**run_info, "tasks": [task_settings.model_dump()]}
         rows = list(base_hook(model, tokenizer, stage, [task_settings], info) or []) if base_hook else []
-        stage_dir = Path(run_info["run_dir"]) / f"stage_{stage}"
+        stage_dir = RunPath(Path(run_info["run_dir"])).stage(stage)
         for spec in capability:
             records = score_items(model, tokenizer, spec)
-            write_items(stage_dir / f"capability-{spec.key}.jsonl", records)
+            write_items(stage_dir.capability(spec.key), records)
             rows.extend(summary_rows(spec, records))
         return rows
 
     return hook
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+ALIGNED_RUN = f"{ALIGNED}-seed0"
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+def _aligned(out: Path) -> tuple[RunDir, StageDir]:
+    """The aligned model's evaluation: a run directory ``aligned/`` with one run and stage 0."""
+    layout = RunDir(out / ALIGNED)
+    return layout, layout.stage(ALIGNED_RUN, 0)
 
 
 def _evaluate_aligned(cfg, model, tokenizer, hook, out: Path) -> list[dict]:
     """The aligned model's rows (evaluated once, then read back)."""
     import torch
 
-    folder = out / ALIGNED
-    rows_path = folder / "results.jsonl"
-    if (folder / "stage_0" / "DONE").exists() and rows_path.exists():
-        return _read_jsonl(rows_path)
-    (folder / "stage_0").mkdir(parents=True, exist_ok=True)
+    layout, stage = _aligned(out)
+    if stage.done and layout.results_file.exists():
+        return layout.result_rows()
+    stage.fresh()
     rows: list[dict] = []
     if hook is not None:
         home = next(model.parameters()).device
         if torch.cuda.is_available():
             model.to("cuda")
         model.eval()
-        info = {"run": f"{ALIGNED}-seed0", "method": ALIGNED, "seed": 0, "run_dir": str(folder),
+        info = {"run": ALIGNED_RUN, "method": ALIGNED, "seed": 0, "run_dir": str(layout.run(ALIGNED_RUN).path),
                 "tasks": [t.model_dump() for t in cfg.tasks], "eval": cfg.eval, "stage": 0}
         rows = list(hook(model, tokenizer, 0, cfg.tasks, info) or [])
         model.to(home)
-    rows = [{"run": f"{ALIGNED}-seed0", "method": ALIGNED, "seed": 0, "stage": 0, **r} for r in rows]
-    _write_jsonl(rows_path, rows)
-    (folder / "stage_0" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    return rows
+    layout.write_results([])
+    layout.append_results(rows, run=ALIGNED_RUN, method=ALIGNED, seed=0, stage=0)
+    stage.mark_done()
+    return layout.result_rows()
 
 
 def _seed_stage0(sub_out: Path, run: str, seed: int, aligned_rows: list[dict]) -> None:
     """Give a subset's run folder the aligned model's stage 0, so the stage loop does not evaluate it again."""
-    run_dir = sub_out / run
-    if (run_dir / "stage_0" / "DONE").exists():
+    layout = RunDir(sub_out)
+    stage = layout.stage(run, 0)
+    if stage.done:
         return
-    (run_dir / "stage_0").mkdir(parents=True, exist_ok=True)
-    method = run.rsplit("-seed", 1)[0]
-    rows = [{**r, "run": run, "method": method, "seed": seed} for r in aligned_rows]
-    keep = [r for r in _read_jsonl(sub_out / "results.jsonl") if r.get("run") != run]
-    _write_jsonl(sub_out / "results.jsonl", keep + rows)
-    (run_dir / "stage_0" / "DONE").write_text("aligned model: evaluated once in ../../aligned\n")
+    method = parse_run_name(run)[0]
+    layout.drop_results(run, 0)
+    layout.append_results(aligned_rows, run=run, method=method, seed=seed)
+    stage.mark_done(f"aligned model: evaluated once in the study's {ALIGNED}/")
 
 
 def _subset_config(cfg, task, data_file: Path, name: str, seed: int):
@@ -271,8 +270,7 @@ def _subset_config(cfg, task, data_file: Path, name: str, seed: int):
 def _write_subset_file(records_by_row: Mapping[int, dict], rows: Sequence[int], path: Path) -> None:
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(path, [{"messages": records_by_row[r]["messages"], "source_row": int(r)} for r in sorted(rows)])
+    write_jsonl(path, [{"messages": records_by_row[r]["messages"], "source_row": int(r)} for r in sorted(rows)])
 
 
 # ----------------------------------------------------------------------------- the study
@@ -282,7 +280,7 @@ def _check_folder(out: Path, settings: dict[str, Any]) -> None:
     path = out / STUDY_FILE
     if not path.exists():
         return
-    old = json.loads(path.read_text()).get("fingerprint")
+    old = read_json(path, error=ValueError).get("fingerprint")
     if old is not None and old != settings:
         raise ValueError(f"{out} holds a study made with other settings ({old}, now {settings}); "
                          "pass another --output")
@@ -319,7 +317,7 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {**options.fingerprint(), "task": task.model_dump(), "model": cfg.model.model_dump()}
     _check_folder(out, fingerprint)
-    study = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
+    study = read_json(out / STUDY_FILE, error=ValueError) if (out / STUDY_FILE).exists() else {}
     times: dict[str, float] = study.get("times", {})
     cpu_times: dict[str, float] = study.get("cpu_times", {})  # process CPU seconds: the machine's load aside
     reference = _reference_name(cfg, options.reference_model)
@@ -345,7 +343,7 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
                 save_study()
 
     save_study()
-    (out / "config.resolved.yaml").write_text(dump_config(study_cfg))
+    RunDir(out).config_file.write_text(dump_config(study_cfg))
 
     tokenizer = build_tokenizer(cfg.model)
     cache = out / "base_model" if cfg.model.config is not None else None
@@ -395,19 +393,19 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
 
     base_hook = make_eval_hook(cfg.eval, base=resolve_config(config).resolve().parent)
     hook = _study_hook(base_hook, task, options.capability) if (base_hook or options.capability) else None
-    if not (out / ALIGNED / "stage_0" / "DONE").exists():
+    if not _aligned(out)[1].done:
         console.print("[bold]evaluating[/] the aligned model")
         with phase("aligned_eval_s"):
             _evaluate_aligned(cfg, model, tokenizer, hook, out)
-    aligned_rows = _read_jsonl(out / ALIGNED / "results.jsonl")
+    aligned_rows = _aligned(out)[0].result_rows()
     del model
 
     for name, by_seed in subsets.items():
         for seed, rows in by_seed.items():
             key = f"{name}-seed{seed}"
             sub_out = out / "runs" / key
-            run = f"standard-seed{seed}"
-            if (sub_out / run / "stage_1" / "DONE").exists():
+            run = run_name("standard", seed)
+            if RunDir(sub_out).stage(run, 1).done:
                 continue
             console.print(f"[bold]{key}[/]: fine-tuning on {len(rows)} rows")
             data_file = sub_out / "train.jsonl"
@@ -426,8 +424,8 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
                              MethodSettings(name="moderate", rho=options.rho)]
         for m in ("random", "moderate"):
             for seed in seeds:
-                _seed_stage0(online_out, f"{m}-seed{seed}", seed, aligned_rows)
-        done_before = all((online_out / f"{m}-seed{s}" / "stage_1" / "DONE").exists()
+                _seed_stage0(online_out, run_name(m, seed), seed, aligned_rows)
+        done_before = all(RunDir(online_out).stage(run_name(m, s), 1).done
                           for m in ("random", "moderate") for s in seeds)
         if not done_before:
             with phase("online_s"):
@@ -443,69 +441,47 @@ def run_offline_study(config: str | Path, output: str | Path | None = None, opti
 # ----------------------------------------------------------------------------- reading the outcomes
 
 
-def _stage_dirs(out: Path) -> dict[str, dict[int, Path]]:
-    """The evaluated stage folder of every study arm and seed."""
-    found: dict[str, dict[int, Path]] = {}
-    if (out / ALIGNED / "stage_0" / "DONE").exists():
-        found[ALIGNED] = {0: out / ALIGNED / "stage_0"}
+def _arm_runs(out: Path) -> dict[str, dict[int, tuple[RunDir, str, int]]]:
+    """Where each study arm and seed was evaluated: ``{arm: {seed: (run directory, run, stage)}}``."""
+    found: dict[str, dict[int, tuple[RunDir, str, int]]] = {}
+    aligned, stage = _aligned(out)
+    if stage.done:
+        found[ALIGNED] = {0: (aligned, ALIGNED_RUN, 0)}
     runs = out / "runs"
     if runs.exists():
         for d in sorted(runs.iterdir()):
             name, _, seed = d.name.rpartition("-seed")
-            stage = d / f"standard-seed{seed}" / "stage_1"
-            if (stage / "DONE").exists():
-                found.setdefault(name, {})[int(seed)] = stage
-    online = out / "online"
-    if online.exists():
-        for d in sorted(online.iterdir()):
-            name, _, seed = d.name.rpartition("-seed")
-            if d.is_dir() and name in ("random", "moderate") and (d / "stage_1" / "DONE").exists():
-                found.setdefault(f"online_{name}", {})[int(seed)] = d / "stage_1"
+            if not (d.is_dir() and seed.isdigit()):
+                continue
+            run = run_name("standard", int(seed))
+            if RunDir(d).stage(run, 1).done:
+                found.setdefault(name, {})[int(seed)] = (RunDir(d), run, 1)
+    online = RunDir(out / "online")
+    for run in online.run_names():
+        method, seed = parse_run_name(run)
+        if method in ("random", "moderate") and online.stage(run, 1).done:
+            found.setdefault(f"online_{method}", {})[seed] = (online, run, 1)
     return found
 
 
-def outcomes(stage_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """Per-prompt outcomes of one evaluated model, read from its saved generations.
+def outcomes(stage: StageDir) -> dict[tuple[str, str], dict[str, float]]:
+    """Per-prompt outcomes of one evaluated model, read from its saved files.
 
-    ``{(task, metric): {prompt id: value}}`` with the names of ``results.jsonl``:
-    ``safety/<set>`` ``asr/<judge>`` (1 = attack success, NaN = unparsable),
-    ``safety/<set>`` ``refusal_rate`` (1 = keyword refusal), ``overrefusal/<set>``
-    ``over_refusal`` (1 = refused), ``<task>`` ``score`` (the item's score, percent)
-    and ``capability/<bench>`` per metric (0/1 or a fraction). Values are fractions
-    except the task score; :func:`study_tables` reports them in percent.
+    ``{(task, metric): {prompt id: value}}`` with the names of ``results.jsonl``: every
+    outcome of :func:`gradsift.eval.outcomes.stage_outcomes` (``asr/<judge>`` 1 = attack
+    success, NaN = unparsable; ``refusal_rate`` 1 = keyword refusal; ``over_refusal``
+    1 = a safe prompt refused; a task's ``score``, here in percent) and
+    ``capability/<bench>`` per metric (0/1 or a fraction). Values are fractions except the
+    task score; :func:`study_tables` reports them in percent.
     """
-    from gradsift.eval.generation import load_generations
-    from gradsift.eval.judges import keyword_refusals
-    from gradsift.eval.metrics import score_task
+    from gradsift.eval.outcomes import stage_outcomes
 
     out: dict[tuple[str, str], dict[str, float]] = {}
-    gens = stage_dir / "generations"
-    for path in sorted(gens.glob("*.jsonl")) if gens.exists() else []:
-        records = load_generations(path)
-        if not records:
-            continue
-        first = records[0]
-        kind = first.get("kind") or path.stem.split("-", 1)[0]
-        if kind == "safety":
-            attack = first.get("attack") or "none"
-            task = f"safety/{first['set']}" + ("" if attack == "none" else f"@{attack}")
-            refused = keyword_refusals([r["response"] for r in records])
-            out[(task, "refusal_rate")] = {str(r["id"]): float(f) for r, f in zip(records, refused)}
-            for judge in (first.get("verdicts") or {}):
-                vals = {}
-                for r in records:
-                    v = (r.get("verdicts") or {}).get(judge, {}).get("unsafe")
-                    vals[str(r["id"])] = math.nan if v is None else float(bool(v))
-                out[(task, f"asr/{judge}")] = vals
-        elif kind == "overrefusal":
-            out[(f"overrefusal/{first['set']}", "over_refusal")] = {
-                str(r["id"]): float(bool(r.get("refused"))) for r in records}
-        elif kind == "task":
-            out[(first["set"], "score")] = {str(r["id"]): score_task(r["metric"], [r["response"]], [r["reference"]])
-                                            for r in records}
-    for path in sorted(stage_dir.glob("capability-*.jsonl")):
-        bench = path.stem.removeprefix("capability-")
-        records = _read_jsonl(path)
+    for (task, metric), series in stage_outcomes(stage).items():
+        scale = 100.0 if metric == "score" else 1.0
+        out[(task, metric)] = {str(i): float(v) * scale for i, v in series.items()}
+    for bench, path in stage.capability_files().items():
+        records = [r for _, r in iter_jsonl(path, error=ValueError)]
         metrics = sorted({k for r in records for k in r if k not in ("doc_id", "subset")})
         for m in metrics:
             out[(f"capability/{bench}", m)] = {f"{r['doc_id']}{r.get('subset') or ''}": float(r[m])
@@ -522,9 +498,9 @@ def _binary(values: np.ndarray) -> bool:
     return bool(np.isin(v, (0.0, 1.0)).all())
 
 
-def _selection_lengths(stage_dir: Path, scores: pd.DataFrame | None, rows: Sequence[int] | None) -> dict[str, float]:
+def _selection_lengths(stage: StageDir, scores: pd.DataFrame | None, rows: Sequence[int] | None) -> dict[str, float]:
     """Mean response length (tokens) of the kept samples: the subset's rows, or the online rule's kept rows."""
-    sel = stage_dir / "selection.parquet"
+    sel = stage.selection
     if sel.exists():
         table = pd.read_parquet(sel)
         kept = table[table["kept"]]
@@ -552,27 +528,20 @@ def study_tables(out: str | Path) -> dict[str, Any]:
     from gradsift.analysis import stats
 
     out = Path(out)
-    study = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
+    study = read_json(out / STUDY_FILE, error=ValueError) if (out / STUDY_FILE).exists() else {}
     scores = pd.read_parquet(out / SCORES_FILE) if (out / SCORES_FILE).exists() else None
-    subsets_doc = json.loads((out / SUBSETS_FILE).read_text()) if (out / SUBSETS_FILE).exists() else {}
-    stages = _stage_dirs(out)
+    subsets_doc = read_json(out / SUBSETS_FILE, error=ValueError) if (out / SUBSETS_FILE).exists() else {}
+    arms = _arm_runs(out)
+    stages = {arm: {seed: layout.stage(run, stage) for seed, (layout, run, stage) in by_seed.items()}
+              for arm, by_seed in arms.items()}
     per: dict[str, dict[int, dict]] = {arm: {s: outcomes(d) for s, d in by_seed.items()} for arm, by_seed in
                                        stages.items()}
 
     # the evaluation's own values (results.jsonl of each run)
     def results_of(arm: str, seed: int) -> dict[tuple[str, str], float]:
-        if arm == ALIGNED:
-            rows = _read_jsonl(out / ALIGNED / "results.jsonl")
-            stage = 0
-        elif arm.startswith("online_"):
-            rows = [r for r in _read_jsonl(out / "online" / "results.jsonl")
-                    if r["run"] == f"{arm.removeprefix('online_')}-seed{seed}"]
-            stage = 1
-        else:
-            rows = _read_jsonl(out / "runs" / f"{arm}-seed{seed}" / "results.jsonl")
-            stage = 1
-        return {(r["task"], r["metric"]): float(r["value"]) for r in rows if int(r["stage"]) == stage
-                and r["value"] is not None}
+        layout, run, stage = arms[arm][seed]
+        return {(r["task"], r["metric"]): float(r["value"]) for r in layout.result_rows()
+                if r["run"] == run and int(r["stage"]) == stage and r["value"] is not None}
 
     keys = sorted({k for by_seed in per.values() for o in by_seed.values() for k in o})
     arms_table = []
@@ -631,7 +600,7 @@ def study_tables(out: str | Path) -> dict[str, Any]:
            "matching": subsets_doc.get("matching"), "correlations": _correlations(scores),
            "composition": _composition(scores, subsets_doc)}
     (out / TABLES_FILE).write_text(json.dumps(doc, indent=2, default=_json_default))
-    _merge_results(out, stages)
+    _merge_results(out, arms)
     (out / SUMMARY_FILE).write_text(summary_markdown(doc))
     return doc
 
@@ -670,20 +639,14 @@ def _composition(scores: pd.DataFrame | None, subsets_doc: Mapping[str, Any]) ->
     return out
 
 
-def _merge_results(out: Path, stages: dict[str, dict[int, Path]]) -> None:
+def _merge_results(out: Path, arms: Mapping[str, Mapping[int, tuple[RunDir, str, int]]]) -> None:
     """The top-level ``results.jsonl`` (derived): every arm as a run ``<arm>-seed<s>`` of the report."""
-    rows = [r for r in _read_jsonl(out / ALIGNED / "results.jsonl")]
-    for arm, by_seed in stages.items():
-        if arm == ALIGNED:
-            continue
-        for seed in by_seed:
-            if arm.startswith("online_"):
-                src = [r for r in _read_jsonl(out / "online" / "results.jsonl")
-                       if r["run"] == f"{arm.removeprefix('online_')}-seed{seed}"]
-            else:
-                src = _read_jsonl(out / "runs" / f"{arm}-seed{seed}" / "results.jsonl")
-            rows.extend({**r, "run": f"{arm}-seed{seed}", "method": arm} for r in src)
-    _write_jsonl(out / "results.jsonl", rows)
+    rows = []
+    for arm, by_seed in arms.items():
+        for seed, (layout, run, _) in by_seed.items():
+            name = ALIGNED_RUN if arm == ALIGNED else run_name(arm, seed)
+            rows.extend({**r, "run": name, "method": arm} for r in layout.result_rows() if r["run"] == run)
+    RunDir(out).write_results(rows)
 
 
 # ----------------------------------------------------------------------------- markdown

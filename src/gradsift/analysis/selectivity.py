@@ -15,7 +15,6 @@ model's generations.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +90,10 @@ def score_items(model, tokenizer, spec: CapabilitySpec, progress: bool = False) 
 
 
 def write_items(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return path
+    """The per-question records of one benchmark (``StageDir.capability(bench)``)."""
+    from gradsift.data.records import write_jsonl
+
+    return write_jsonl(path, records)
 
 
 def summary_rows(spec: CapabilitySpec, records: list[dict]) -> list[dict]:

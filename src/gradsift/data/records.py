@@ -131,6 +131,21 @@ def iter_jsonl(path: str | Path, error: type[ValueError] | None = None) -> Itera
             yield lineno, obj
 
 
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write objects as JSON Lines, atomically (a temporary file, then a rename); return the path.
+
+    The folder is created; a reader never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def read_json(path: str | Path, error: type[ValueError] | None = None) -> Any:
     """The value of a JSON file; invalid JSON raises a one-line error naming the file, line and
     column: :class:`RecordError`, or ``error(message)`` when an error class is given."""

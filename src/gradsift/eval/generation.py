@@ -18,7 +18,6 @@ be re-run later without generating again.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -296,19 +295,18 @@ def save_generations(path: str | os.PathLike, records: Sequence[dict[str, Any]])
     Each record needs ``prompt`` and ``response``; ``id``, ``set``, ``attack`` and
     ``assistant_prefix`` are kept when present, as is any other JSON-serializable key.
     """
+    from gradsift.data.records import write_jsonl
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i, rec in enumerate(records):
-            if hasattr(rec, "__dataclass_fields__"):
-                rec = asdict(rec)
-            for key in ("prompt", "response"):
-                if key not in rec:
-                    raise ValueError(f"{path}: record {i}: missing field {key!r}")
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    rows = []
+    for i, rec in enumerate(records):
+        if hasattr(rec, "__dataclass_fields__"):
+            rec = asdict(rec)
+        for key in ("prompt", "response"):
+            if key not in rec:
+                raise ValueError(f"{path}: record {i}: missing field {key!r}")
+        rows.append(rec)
+    return write_jsonl(path, rows)
 
 
 def load_generations(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -347,10 +347,23 @@ def _file_stem(kind: str, label: str, attack: str | None = None) -> str:
 
 
 def _subsample(items: list[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
-    """``n`` items drawn with ``random.Random(seed)``, kept in their original order."""
+    """``n`` items drawn with ``random.Random(seed)``, stratified by ``category``, in their original order.
+
+    Each category gets its share of ``n`` (largest remainders), so that a subsample's rate
+    weighs the categories (XSTest's ten prompt types, the harm categories) as the whole set does.
+    """
     if n is None or n >= len(items):
         return items
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    groups: dict[Any, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.get("category"), []).append(i)
+    quota = {c: n * len(idx) / len(items) for c, idx in groups.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    by_remainder = sorted(groups, key=lambda c: (-(quota[c] - take[c]), list(groups).index(c)))
+    for c in by_remainder[: n - sum(take.values())]:
+        take[c] += 1
+    rng = random.Random(seed)
+    keep = sorted(i for c, idx in groups.items() for i in rng.sample(idx, take[c]))
     return [items[i] for i in keep]
 
 

@@ -4,7 +4,6 @@
 * :class:`GhostNormEngine` - the same, with reuse of the pass for a training step.
 * :func:`naive_grad_norms` - the per-sample-loop reference used by the tests.
 * :class:`NormCheckError` - the first-batch self-check (``verify=True``) found a mismatch.
-* :func:`score_dataset` - a whole dataset to a Parquet table (resumable).
 """
 
 from gradsift.losses import causal_lm_losses, response_losses

@@ -145,7 +145,6 @@ def check_first_batch(engine, batch: dict[str, torch.Tensor], mask: torch.Tensor
     model = engine.model
     named_modules = {m: n for n, m in model.named_modules()}
     named_params = dict(model.named_parameters())
-    by_id = {id(p): p for p in named_params.values()}
     target = [p for p in named_params.values() if id(p) in engine.target]
     kinds: dict[str, _Kind] = {}
     kind_of_group: dict[int, str] = {}

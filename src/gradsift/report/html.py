@@ -12,7 +12,6 @@ prompts, and ``data-p``, the paired test against Moderate-G_i); the ASR per stag
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -83,10 +82,9 @@ def machine_info(store: RunStore) -> tuple[dict[str, str], str]:
     """
     env_path = store.path / ENVIRONMENT_FILE
     if env_path.exists():
-        try:
-            data = json.loads(env_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{env_path}: not valid JSON ({exc.msg})") from None
+        from gradsift.data.records import read_json
+
+        data = read_json(env_path, error=ValueError)
         if isinstance(data, dict):
             return {str(k): str(v) for k, v in data.items()}, "the machine that ran the training"
     info = {
@@ -236,8 +234,8 @@ def _paper_table_html(store: RunStore, judge: str | None) -> str:
     header = ["method", "seeds"] + [c.label + {"lower": " ↓", "higher": " ↑"}.get(c.better, "") for c in cols]
     sset = primary_safety_set(store)
     ref = reference_method(store)
-    caption = (f"Mean ± std over seeds (std only with more than one seed); below it, where generations were "
-               f"saved, the 95% bootstrap interval over prompts"
+    caption = ("Mean ± std over seeds (std only with more than one seed); below it, where generations were "
+               "saved, the 95% bootstrap interval over prompts"
                + (f" and the p-value of the paired test against {ref} on the same prompts (McNemar for the final "
                   "ASR, a paired bootstrap over prompts for the rates averaged over checkpoints)" if ref else "")
                + ". ASR, refusal and over-refusal rates are "

@@ -157,13 +157,15 @@ def plot_score_matrices(store: RunStore) -> list[Plot]:
     """One annotated heatmap per method: task scores (columns) after each stage (rows), mean over seeds."""
     if not store.tasks:
         return []
+    from gradsift.eval.outcomes import score_matrix
+
     out = []
     T = store.n_stages
     for method in store.methods:
         runs = store.runs_of(method)
         mats = []
         for run in runs:
-            R, r0 = store.score_matrix(run)
+            R, r0 = score_matrix(store, run)
             full = np.vstack([r0 if r0 is not None else np.full(T, np.nan), R])
             mats.append(full)
         if not mats or np.isnan(np.array(mats)).all():

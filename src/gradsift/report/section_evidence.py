@@ -9,12 +9,13 @@ from gradsift.report.sections import register_section
 
 
 def _offline_doc(store):
-    import json
+    from gradsift.analysis.offline import TABLES_FILE
+    from gradsift.data.records import read_json
 
-    path = store.path / "offline_study.json"
+    path = store.path / TABLES_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, error=ValueError)
 
 
 def _offline_cell(r) -> str:
@@ -276,9 +277,9 @@ def audit_section(store) -> str:
     """The sample audit of ``gradsift study audit`` written under ``<run_dir>/analysis/audit/``."""
     from html import escape
 
-    from gradsift.analysis.audit import AUDIT_DIR, BANDS, read_audit
+    from gradsift.analysis.audit import AUDIT_STUDY, BANDS, read_audit
 
-    folder = store.path / AUDIT_DIR
+    folder = store.layout.analysis(AUDIT_STUDY, create=False)
     doc = read_audit(folder)
     if doc is None:
         return ""

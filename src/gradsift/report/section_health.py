@@ -434,10 +434,9 @@ def recorded_result(store: RunStore, path: Path | None = None) -> dict[str, Any]
     path = Path(path) if path is not None else RECORDED_FILE
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+    from gradsift.data.records import read_json
+
+    data = read_json(path, error=ValueError)
     mine = config_fingerprint(store.config)
     for entry in data if isinstance(data, list) else [data]:
         if entry.get("fingerprint") == json.loads(json.dumps(mine)):

@@ -8,7 +8,6 @@ a mean over seeds with its sample standard deviation (``gradsift.analysis.stats`
 
 from __future__ import annotations
 
-import json
 import math
 from html import escape
 from pathlib import Path
@@ -20,11 +19,14 @@ from gradsift.store import RunStore
 
 __all__ = ["mechanism_section"]
 
-_DIR = Path("analysis") / "mechanism"  # gradsift.analysis.drift.MECHANISM_DIR
+def _folder(store: RunStore) -> Path:
+    from gradsift.analysis.drift import MECHANISM_STUDY
+
+    return store.layout.analysis(MECHANISM_STUDY, create=False)
 
 
 def _read(store: RunStore, name: str) -> pd.DataFrame | None:
-    path = store.path / _DIR / name
+    path = _folder(store) / name
     if not path.exists():
         return None
     frame = pd.read_csv(path)
@@ -32,8 +34,10 @@ def _read(store: RunStore, name: str) -> pd.DataFrame | None:
 
 
 def _meta(store: RunStore) -> dict:
-    path = store.path / _DIR / "meta.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    path = _folder(store) / "meta.json"
+    from gradsift.data.records import read_json
+
+    return read_json(path, error=ValueError) if path.exists() else {}
 
 
 def _methods(store: RunStore, frame: pd.DataFrame) -> list[str]:
@@ -260,7 +264,7 @@ def _basin_html(store: RunStore, meta: dict) -> str:
 @register_section
 def mechanism_section(store: RunStore) -> str:
     """The mechanism section: empty when ``gradsift study drift`` has not been run on this run directory."""
-    if not (store.path / _DIR).is_dir():
+    if not _folder(store).is_dir():
         return ""
     meta = _meta(store)
     parts = [_drift_html(store, meta.get("drift", {})), _direction_html(store, meta.get("direction", {})),

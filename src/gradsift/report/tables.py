@@ -200,7 +200,9 @@ def run_metrics(store: RunStore, judge: str | None = None) -> pd.DataFrame:
         rec["over_refusal"] = over_stages(over_set, "over_refusal")
         fm = {"AA": math.nan, "BWT": math.nan, "FM": math.nan, "max_drop": math.nan}
         if store.tasks:
-            R, _ = store.score_matrix(run)
+            from gradsift.eval.outcomes import score_matrix
+
+            R, _ = score_matrix(store, run)
             try:
                 fm = forgetting(R)
             except ValueError:  # a score on or below the diagonal is missing
@@ -300,12 +302,14 @@ def _prompt_measures(store: RunStore, judge: str | None = None) -> dict[str, tup
 def prompt_frame(store: RunStore, method: str, task: str, metric: str,
                  stages: Sequence[int] | None = None) -> pd.DataFrame:
     """Long table ``seed, stage, id, value`` of the per-prompt outcomes of one method
-    (:meth:`RunStore.prompt_outcomes`); empty when no generations were saved."""
+    (:func:`gradsift.eval.outcomes.prompt_outcomes`); empty when no generations were saved."""
+    from gradsift.eval.outcomes import prompt_outcomes
+
     parts = []
     for run in store.runs_of(method):
         seed = store.run_seed(run)
         for stage in store.stages if stages is None else stages:
-            s = store.prompt_outcomes(run, stage, task, metric)
+            s = prompt_outcomes(store, run, stage, task, metric)
             if s is None or not len(s):
                 continue
             parts.append(pd.DataFrame({"seed": seed, "stage": stage, "id": s.index.to_numpy(),
@@ -344,7 +348,7 @@ def paired_test(store: RunStore, method: str, reference: str | None, task: str, 
     no prompt outcome (no generations, or no seed in common).
     """
     from gradsift.analysis.stats import compare
-    from gradsift.store import outcome_kind
+    from gradsift.eval.outcomes import outcome_kind
 
     if reference is None or method == reference:
         return None

@@ -291,6 +291,20 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``: comma-separated, distinct integers (ValueError otherwise)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not values:
+        raise ValueError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--seeds: a seed is repeated in {text!r}")
+    return values
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["optim.lr=3e-4", "seeds=[0,1]"]`` -> ``{"optim.lr": 3e-4, "seeds": [0, 1]}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}

@@ -117,6 +117,11 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _merges_between_stages(cfg: RunConfig, method: MethodSettings) -> bool:
+    """Each stage's LoRA adapter is merged into the weights before the next (not O-LoRA, not ``continue``)."""
+    return cfg.model.lora is not None and cfg.model.adapter_between_stages == "merge" and method.name != "olora"
+
+
 def _adapter_dir(stage_dir: StageDir) -> Path:
     """The folder holding ``adapter_config.json`` (PEFT nests non-default adapters)."""
     root = stage_dir.adapter
@@ -469,6 +474,10 @@ class _Run:
         if sharded:  # continue (and evaluate) from the saved stage: whole weights, as a resumed run would
             self.state.wait_for_everyone()
             model = load_stage_state(cfg, method, self.path.path, self.tokenizer, stage)
+        elif _merges_between_stages(cfg, method) and _is_peft(model):
+            # the merge the next stage starts with (prepare_for_stage), done before the evaluation:
+            # the same weights a resumed run loads, and generation without the adapter's extra matmuls
+            model = model.merge_and_unload()
         self.evaluate(model, stage)
         if self.main:
             stage_dir.mark_done()

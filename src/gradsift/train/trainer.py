@@ -47,7 +47,7 @@ from gradsift.train.baselines import (
     token_kl,
 )
 from gradsift.select.methods import get_method
-from gradsift.train.config import METHODS, MethodSettings
+from gradsift.train.config import MethodSettings
 
 __all__ = [
     "GradsiftTrainer",

@@ -23,7 +23,6 @@ the fallback.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import torch.nn.functional as F
 

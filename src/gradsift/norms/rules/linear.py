@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd, cat_time
 

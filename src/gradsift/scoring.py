@@ -1,4 +1,4 @@
-"""Score a whole dataset: G_i and L_i for every row, written to a Parquet table.
+"""The dataset scorer behind ``gradsift score``: G_i and L_i for every row, to a Parquet table.
 
 Rows are batched by length (little padding), scored with the ghost engine, and
 written in chunks next to the output (``<out>.chunks/``) so that a rerun resumes
@@ -9,7 +9,6 @@ equal to the single-process one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from gradsift.data.formatting import collate, encode_records, length_batches
 from gradsift.data.records import RecordError, read_records
 from gradsift.norms.engine import GhostNormEngine
+from gradsift.runtime import process_state
 
 COLUMNS = ["row", "G", "L", "n_response_tokens", "n_tokens"]
 
@@ -35,16 +35,6 @@ class ScoreOptions:
     system_field: str | None = None
     limit: int | None = None
     verify: bool = True  # check the first batch against the per-sample loop (gradsift.norms.verify)
-
-
-def _dist():
-    """(rank, world_size, barrier) from accelerate when launched distributed, else a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    return 0, 1, lambda: None
 
 
 def _chunk_dir(out: Path) -> Path:
@@ -140,7 +130,8 @@ def score_dataset(
     if not records:
         raise RecordError(source, "no records to score (the data is empty)")
     features = encode_records(tokenizer, records, options.max_length, source=str(source))
-    rank, world, barrier = _dist()
+    state = process_state()
+    rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
