@@ -4,7 +4,7 @@
     python scripts/model_matrix.py --only llama,opt --variants all    # a few, one variant
 
 Each family is built from its config class with tiny sizes and checked by
-``gradsift.norms.families.check_family`` (G_i against the batch-size-1 loop, the kept
+``gradsift.testing.families.check_family`` (G_i against the batch-size-1 loop, the kept
 gradient against a fresh backward, 1e-4). Results are cached one JSON line per
 (family, variant) in ``--cache`` so an interrupted run resumes.
 """
@@ -38,7 +38,7 @@ def run(types: list[str], variants: list[str], cache: Path, timeout: int) -> dic
     import torch
     from tqdm import tqdm
 
-    from gradsift.norms.families import check_family
+    from gradsift.testing.families import check_family
 
     torch.set_num_threads(1)  # tiny models: threads only contend
     done: dict[tuple[str, str], dict] = {}
@@ -80,7 +80,7 @@ def _pattern(names: list[str]) -> list[str]:
 
 
 def summarize(types: list[str], variants: list[str], results: dict) -> list[dict]:
-    from gradsift.norms.families import causal_lm_types
+    from gradsift.testing.families import causal_lm_types
 
     classes = causal_lm_types()
     rows = []
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=120, help="seconds per family and variant")
     ap.add_argument("--from-cache", action="store_true", help="only tabulate what --cache holds (run nothing)")
     a = ap.parse_args(argv)
-    from gradsift.norms.families import causal_lm_types
+    from gradsift.testing.families import causal_lm_types
 
     types = [t for t in a.only.split(",") if t] or sorted(causal_lm_types())
     variants = [v for v in a.variants.split(",") if v]

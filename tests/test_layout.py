@@ -106,7 +106,8 @@ ALLOWED = {
     "train": _BASE | {"tasks", "models", "losses", "store", "norms", "select", "eval"},
     "organisms": _BASE | {"tasks", "models", "losses", "store", "eval", "train"},
 }
-ALLOWED["analysis"] = set(ALLOWED) | {"scoring", "organisms"}
+ALLOWED["testing"] = {"norms", "losses", "data"}  # tools that test gradsift; the pipeline never imports them
+ALLOWED["analysis"] = set(ALLOWED) - {"testing"} | {"scoring", "organisms"}
 ALLOWED["report"] = ALLOWED["analysis"] | {"analysis"}
 
 
@@ -130,6 +131,12 @@ def test_nothing_below_the_organisms_imports_them():
                    if _floor(m) in {"data", "tasks", "models", "losses", "norms", "select", "eval", "train", "store"}
                    and any(_floor(t) == "organisms" for t in everywhere))
     assert not users, f"{users} import gradsift.organisms (models.py finds them through the registry)"
+
+
+def test_the_pipeline_does_not_import_the_test_tools():
+    users = sorted(m for m, (_, everywhere) in GRAPH.items()
+                   if _floor(m) != "testing" and any(_floor(t) == "testing" for t in everywhere))
+    assert not users, users
 
 
 def test_the_run_directory_store_names_files_and_interprets_nothing():

@@ -1,6 +1,6 @@
 """Every causal-LM family of the installed transformers: exact, or refused with a message naming a module.
 
-Each family is built from its config class with tiny sizes (``gradsift.norms.families``)
+Each family is built from its config class with tiny sizes (``gradsift.testing.families``)
 and checked against independent references: G_i against the batch-size-1 loop
 (``naive_grad_norms``) and the gradient kept by the engine (``accumulate_grad`` on two
 of three samples) against a fresh backward on those samples alone, both to 1e-4,
@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 
-from gradsift.norms.families import causal_lm_types, check_family
+from gradsift.testing.families import causal_lm_types, check_family
 
 # a representative fast subset (dense, tied and untied, Conv1D, scaled embeddings, learned positions
 # fed by the attention mask, (B*T, d)-flattened MLPs, MoE routers and fused experts, parallel blocks,
