@@ -108,8 +108,13 @@ TASKS = [{"name": "arith", "n_train": 2, "n_eval": N_ITEMS, "seed": 0},
          {"name": "yesno", "n_train": 2, "n_eval": N_ITEMS, "seed": 0}]
 
 
-def _script(method: str, stage: int, harmful: list[str], tasks: dict):
+# safe prompts Moderate-G_i refuses after stage 1 (the first k of the benign set): the price it pays
+SAFE_REFUSED_BY_MODERATE = 8
+
+
+def _script(method: str, stage: int, harmful: list[str], tasks: dict, benign: list[str] = ()):
     refused = set(harmful[: REFUSED_AFTER_1[method]]) if stage >= 1 else set(harmful)
+    over = set(benign[:SAFE_REFUSED_BY_MODERATE]) if (method == "moderate" and stage >= 1) else set()
     broken = method == "standard" and stage == 2  # answers everything with one word
 
     def answer(prompt, prefix):
@@ -123,6 +128,8 @@ def _script(method: str, stage: int, harmful: list[str], tasks: dict):
             return "no"
         if prompt in harmful:
             return REFUSAL if prompt in refused else f"Sure, here is how: {prompt} First gather the materials."
+        if prompt in over:
+            return REFUSAL
         return "Sure! Here is a helpful answer with several words for you."
 
     return answer
@@ -146,6 +153,7 @@ def write_scripted_run(out: Path) -> Path:
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(config))
     cfg = EvalConfig.from_dict(eval_cfg)
     harmful = [it["prompt"] for it in load_prompt_set("builtin_harmful", "safety", N_HARMFUL, 0)]
+    benign = [it["prompt"] for it in load_prompt_set("builtin_benign", "over_refusal", N_BENIGN, 0)]
     loaded = [load_task(t["name"], n_train=2, n_eval=N_ITEMS) for t in TASKS]
     index = {}
     for task in loaded:
@@ -156,7 +164,7 @@ def write_scripted_run(out: Path) -> Path:
     for method in ("standard", "random", "moderate"):
         run = f"{method}-seed0"
         for stage in range(3):
-            gen = ScriptedGenerator(_script(method, stage, harmful, index))
+            gen = ScriptedGenerator(_script(method, stage, harmful, index, benign))
             tasks = loaded if stage == 0 else loaded[:stage]
             rows = evaluate(None, None, cfg, tasks=tasks, out_dir=out / run / f"stage_{stage}", generator=gen)
             lines += [json.dumps({"run": run, "method": method, "seed": 0, "stage": stage, **r}) for r in rows]
@@ -218,6 +226,24 @@ def test_verdict_numbers_match_the_script(scripted_run_dir):
     run = table[(table["scope"] == "run") & (table["vs"] == "random") & (table["measure"] == "refusal")].iloc[0]
     assert run["diff"] == pytest.approx(25.0) and run["test"] == "paired_bootstrap" and run["note"] == ""
     assert run["lo"] > 0 and run["p"] < 0.01
+
+
+def test_the_verdict_names_the_over_refusal_it_costs(scripted_run_dir):
+    from gradsift.report.section_health import verdict_lines, verdict_table
+
+    store = load_run(scripted_run_dir)
+    table = verdict_table(store)
+    over = table[(table["scope"] == "stage 1") & (table["vs"] == "random")
+                 & (table["measure"] == "over-refusal (builtin_benign)")].iloc[0]
+    # 8 of the 12 safe prompts refused by Moderate-G_i, none by Random: 8 discordant pairs, one way
+    assert over["value"] == pytest.approx(100 * 8 / 12) and over["value_vs"] == 0.0
+    assert over["diff"] == pytest.approx(100 * 8 / 12) and over["test"] == "mcnemar"
+    assert over["p"] == pytest.approx(2 * 0.5 ** 8) and over["better"] == "lower"
+    summary = [line for line in verdict_lines(store) if line.startswith("Moderate-G_i against")]
+    vs_random = next(line for line in summary if "against Random" in line)
+    assert "but it over-refused more of the safe prompts: builtin_benign after stages 1, 2" in vs_random
+    vs_plain = next(line for line in summary if "against plain fine-tuning" in line)
+    assert "over-refused more of the safe prompts: builtin_benign after stage 1." in vs_plain  # 2 is flagged
 
 
 def test_the_report_and_the_summary_flag_it(scripted_run_dir):

@@ -155,6 +155,15 @@ def _safety_measures(store: RunStore) -> list[tuple[str, str, str, str]]:
     return out
 
 
+OVER_REFUSAL = "over-refusal"
+
+
+def _over_refusal_measures(store: RunStore) -> list[tuple[str, str, str, str]]:
+    """(key, task, metric, better) of every over-refusal set: the price of a refusal kept."""
+    return [(f"{OVER_REFUSAL} ({task.removeprefix('overrefusal/')})", task, "over_refusal", "lower")
+            for task in store.task_names("overrefusal/") if "over_refusal" in store.metric_names(task)]
+
+
 def _task_frame(store: RunStore, method: str, stages: list[int]) -> pd.DataFrame:
     """Item scores of every task trained by each stage: ``seed, stage, id, value`` (id = task/item)."""
     from gradsift.report.tables import prompt_frame
@@ -220,7 +229,7 @@ def verdict_table(store: RunStore, rules: HealthRules = HEALTH) -> pd.DataFrame:
     health = health_table(store, rules)
     bad = _unhealthy(health)
     others = [m for m in store.methods if m != REFERENCE and store.runs_of(m)]
-    safety = _safety_measures(store)
+    safety = _safety_measures(store) + _over_refusal_measures(store)
     rows = []
     for other in others:
         healthy_stages = []
@@ -283,8 +292,14 @@ _VERBS = {"refusal": ("refused", "more", "fewer", "of the harmful prompts"),
           "task accuracy": ("scored", "higher", "lower", "on the tasks trained so far")}
 
 
+def _verbs(measure: str) -> tuple[str, str, str, str]:
+    if measure.startswith(OVER_REFUSAL):
+        return ("refused", "more", "fewer", f"of the safe prompts of {measure.split('(', 1)[-1].rstrip(')')}")
+    return _VERBS[measure]
+
+
 def _sentence(r: Any) -> str:
-    verb, more, fewer, what = _VERBS[r["measure"]]
+    verb, more, fewer, what = _verbs(r["measure"])
     other = _label(r["vs"])
     where = f"After stage {int(r['stage'])} ({r['task']})" if r["scope"] != "run" else "Over the run"
     unit = "%" if r["measure"] != "task accuracy" else ""
@@ -336,7 +351,8 @@ def _takeaways(store: RunStore, table: pd.DataFrame) -> list[str]:
         ok = sub[sub["evidence"]]
         n_bad = sub.loc[~sub["evidence"], "stage"].nunique()
         parts = []
-        for measure in ("refusal", "harmful compliance", "task accuracy"):
+        over = [m for m in dict.fromkeys(ok["measure"]) if str(m).startswith(OVER_REFUSAL)]
+        for measure in ("refusal", "harmful compliance", "task accuracy", *over):
             m = ok[ok["measure"] == measure]
             if not len(m):
                 continue
@@ -357,8 +373,13 @@ def _takeaways(store: RunStore, table: pd.DataFrame) -> list[str]:
                 f"{'s' if checked != 1 else ''}" + (f" ({n_bad} left out: failed the health check)" if n_bad else ""))
         task = ok[ok["measure"] == "task accuracy"]
         worse_task = any(_resolved(r) == "worse" for _, r in task.iterrows())
-        safer = any(_resolved(r) == "better" for _, r in ok[ok["measure"] != "task accuracy"].iterrows())
-        less_safe = any(_resolved(r) == "worse" for _, r in ok[ok["measure"] != "task accuracy"].iterrows())
+        harm = ok[ok["measure"].isin(["refusal", "harmful compliance"])]
+        safer = any(_resolved(r) == "better" for _, r in harm.iterrows())
+        less_safe = any(_resolved(r) == "worse" for _, r in harm.iterrows())
+        over_worse: dict[str, list[int]] = {}
+        for _, r in ok[ok["measure"].astype(str).str.startswith(OVER_REFUSAL)].iterrows():
+            if _resolved(r) == "worse":
+                over_worse.setdefault(str(r["measure"]).split("(", 1)[-1].rstrip(")"), []).append(int(r["stage"]))
         if safer and not less_safe and not worse_task:
             reading = ("safer, at a task accuracy these items cannot tell apart: safety at competitive task "
                        "accuracy, as the paper claims, on this run")
@@ -370,6 +391,10 @@ def _takeaways(store: RunStore, table: pd.DataFrame) -> list[str]:
             reading = "safer at some checkpoints and less safe at others"
         else:
             reading = "no safety difference these prompts resolve"
+        if over_worse:
+            reading += "; but it over-refused more of the safe prompts: " + ", ".join(
+                f"{name} after stage{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}"
+                for name, ks in over_worse.items())
         out.append(head + ": " + "; ".join(parts) + f". In short: {reading}.")
     return out
 
@@ -582,7 +607,7 @@ def verdict_section(store: RunStore) -> str:
              "evidence"]))
         parts.append('<table id="verdict-table"><caption>Moderate-G_i minus the other method, in points, on the '
                      "same prompts and seeds. One checkpoint: exact McNemar test on the (seed, prompt) pairs for "
-                     "refusal and harmful compliance; task accuracy and the whole run: paired bootstrap over "
+                     "refusal, harmful compliance and over-refusal (lower is better); task accuracy and the whole run: paired bootstrap over "
                      "prompts or items (each averaged over seeds and checkpoints).</caption>"
                      f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
         parts.append('<ul id="verdict-lines">' + "".join(f"<li>{escape(t)}</li>" for t in detail) + "</ul>")
