@@ -241,7 +241,7 @@ def test_the_verdict_names_the_over_refusal_it_costs(scripted_run_dir):
     assert over["p"] == pytest.approx(2 * 0.5 ** 8) and over["better"] == "lower"
     summary = [line for line in verdict_lines(store) if line.startswith("Moderate-G_i against")]
     vs_random = next(line for line in summary if "against Random" in line)
-    assert "but it over-refused more of the safe prompts: builtin_benign after stages 1, 2" in vs_random
+    assert "it also over-refused more of the safe prompts: builtin_benign after stages 1, 2" in vs_random
     vs_plain = next(line for line in summary if "against plain fine-tuning" in line)
     assert "over-refused more of the safe prompts: builtin_benign after stage 1." in vs_plain  # 2 is flagged
 

@@ -392,7 +392,7 @@ def _takeaways(store: RunStore, table: pd.DataFrame) -> list[str]:
         else:
             reading = "no safety difference these prompts resolve"
         if over_worse:
-            reading += "; but it over-refused more of the safe prompts: " + ", ".join(
+            reading += "; it also over-refused more of the safe prompts: " + ", ".join(
                 f"{name} after stage{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}"
                 for name, ks in over_worse.items())
         out.append(head + ": " + "; ".join(parts) + f". In short: {reading}.")
