@@ -144,7 +144,7 @@ def test_study_trains_each_subset_alone_and_evaluates_the_aligned_model_once(tin
         assert samples == [len(subsets[name]["0"])]  # fine-tuned on the subset alone
         assert not (run / "standard-seed0" / "stage_0" / "generations").exists()  # stage 0 not evaluated again
         assert (run / "standard-seed0" / "stage_1" / "capability-arc_challenge.jsonl").exists()
-    assert (out / "aligned" / "stage_0" / "generations").is_dir()
+    assert (out / "aligned" / "aligned-seed0" / "stage_0" / "generations").is_dir()
 
 
 @pytest.mark.slow  # one tiny study shared by four tests: about 30 s of CPU
@@ -161,7 +161,7 @@ def test_table_values_come_from_the_evaluations(tiny_study):
                     ("mcq", "score"), ("capability/arc_challenge", "acc")]:
             assert arms[(arm, *key)]["mean"] == pytest.approx(value[key]), (arm, key)
         # and independently, from the saved generations: keyword ASR = share of replies without a refusal string
-        gen_dir = folder / "stage_0" if arm == "aligned" else folder / "standard-seed0" / "stage_1"
+        gen_dir = folder / "aligned-seed0" / "stage_0" if arm == "aligned" else folder / "standard-seed0" / "stage_1"
         recs = [json.loads(line) for line in (gen_dir / "generations" / "safety-builtin_harmful.jsonl")
                 .read_text().splitlines()]
         unsafe = [r["verdicts"]["keyword"]["unsafe"] for r in recs]
@@ -197,11 +197,11 @@ def test_rerun_skips_finished_subsets(tiny_study, monkeypatch):
         return real(cfg, output_dir=output_dir, eval_hook=eval_hook, resume=resume)
 
     monkeypatch.setattr(stages, "run_training", counting)
-    before = (out / "aligned" / "stage_0" / "DONE").read_text()
+    before = (out / "aligned" / "aligned-seed0" / "stage_0" / "DONE").read_text()
     done = {p: p.stat().st_mtime for p in (out / "runs").glob("*/standard-seed0/stage_1/DONE")}
     run_offline_study(path, out, opts)
     assert calls == []  # every subset was complete
-    assert (out / "aligned" / "stage_0" / "DONE").read_text() == before
+    assert (out / "aligned" / "aligned-seed0" / "stage_0" / "DONE").read_text() == before
     assert {p: p.stat().st_mtime for p in done} == done
     # an interrupted subset (no DONE marker) is trained again, and only it
     (out / "runs" / "random-seed0" / "standard-seed0" / "stage_1" / "DONE").unlink()

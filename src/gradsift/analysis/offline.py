@@ -464,8 +464,8 @@ def _arm_runs(out: Path) -> dict[str, dict[int, tuple[RunDir, str, int]]]:
     return found
 
 
-def outcomes(stage: StageDir) -> dict[tuple[str, str], dict[str, float]]:
-    """Per-prompt outcomes of one evaluated model, read from its saved files.
+def outcomes(stage: StageDir | str | Path) -> dict[tuple[str, str], dict[str, float]]:
+    """Per-prompt outcomes of one evaluated model (a stage folder), read from its saved files.
 
     ``{(task, metric): {prompt id: value}}`` with the names of ``results.jsonl``: every
     outcome of :func:`gradsift.eval.outcomes.stage_outcomes` (``asr/<judge>`` 1 = attack
@@ -476,6 +476,9 @@ def outcomes(stage: StageDir) -> dict[tuple[str, str], dict[str, float]]:
     """
     from gradsift.eval.outcomes import stage_outcomes
 
+    if not isinstance(stage, StageDir):
+        path = Path(stage)
+        stage = StageDir(path, int(path.name.rpartition("_")[2]) if path.name.startswith("stage_") else 0)
     out: dict[tuple[str, str], dict[str, float]] = {}
     for (task, metric), series in stage_outcomes(stage).items():
         scale = 100.0 if metric == "score" else 1.0
