@@ -448,10 +448,6 @@ class GhostNormEngine:
         for g in self.groups:
             if not isinstance(g, _TiedGroup) and isinstance(g.rule, LinearRule) and "weight" in g.names:
                 g.rule.gram_cache = self._gram_cache
-        # the parameters of the groups whose every call is checked keep requires_grad in the forward
-        # pass, so that a failed check can send them to the fallback in the same pass
-        self._provisional = {id(p) for g in self.groups if g.provisional for m in g.modules
-                             for n, p in m._parameters.items() if p is not None and id(p) in target}
         self._fallback_L: torch.Tensor | None = None
         # hook every module of a group, and every embedding (the roots of the backward pass)
         hooked = set(self.group_of)
@@ -483,8 +479,6 @@ class GhostNormEngine:
         if self._usage is not None:
             usage, self._usage = self._usage, None
             usage.__exit__(None, None, None)
-            if self._active:
-                self._proving = False
 
     def _check_fallback_size(self, params: list[torch.Tensor]) -> None:
         """The fallback runs one backward per sample through each parameter: refuse a huge one."""
@@ -507,13 +501,12 @@ class GhostNormEngine:
     def _forward_grad_ids(self, input_ids: torch.Tensor) -> set[int]:
         """Called at the start of each forward: the parameters that keep requires_grad during it.
 
-        The first forward keeps every scored parameter's, so that whatever fails a check
-        there (a parameter used outside its module) can still go to the fallback.
+        Only the fallback's: every other parameter is frozen, so autograd saves nothing for
+        weight gradients. A group that fails a check in the pass goes to the fallback and
+        the pass is run again (see ``_forward``).
         """
         set_batch_tokens(input_ids.shape[-1] if input_ids.dim() == 2 else None)
-        if self._proving:
-            return {id(p) for p in self.fallback} | set(self._owner_group)
-        return {id(p) for p in self.fallback} | self._provisional
+        return {id(p) for p in self.fallback}
 
     def _demote(self, group: _Group, module: nn.Module, reason: str) -> None:
         """A group whose rule cannot take a call: its parameters go to the exact fallback from now on."""
@@ -668,6 +661,22 @@ class GhostNormEngine:
         return self._forward(batch)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One scoring forward; run again while a check in it sent a group to the fallback.
+
+        The fallback needs its parameters to require grad in the forward pass, and only
+        the fallback's do; a group demoted during a pass (a parameter used outside its
+        module, rows that cannot be mapped, a proven rule whose call check failed) is
+        therefore scored in a second pass, with its parameters requiring grad. Demotions
+        are permanent, so this happens at most once per failing group.
+        """
+        while True:
+            n_fallback = len(self.fallback)
+            L = self._forward_once(batch)
+            if len(self.fallback) == n_fallback:
+                self._proving = False
+                return L
+
+    def _forward_once(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clear()
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask = batch.get("attention_mask")
