@@ -195,22 +195,19 @@ def batch_of(vocab: int, B: int, T: int, response: float = 0.5):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def kept_from_shapes(model, B: int, T: int) -> dict[str, int]:
-    """What the engine keeps after its backward for the update (``keep_grads``), from the shapes: the
-    output gradient of every trainable (LoRA) layer, (B, T, d_out) in the adapter's dtype, on top of
-    its captured input."""
-    out = {"layer": 0, "outside": 0}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False)):
-            where = "layer" if ".layers." in name else "outside"
-            out[where] += B * T * m.out_features * m.weight.element_size()
-    return out
+def lora_rows_from_shapes(model) -> int:
+    """Bytes of one sample's per-sample LoRA gradient row (fp32, every trainable parameter)."""
+    return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
 def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
-    """Per-token bytes of a plain LoRA step and of the Moderate-G_i scoring pass."""
-    import inspect
+    """Per-token bytes of a plain LoRA step and of the Moderate-G_i scoring pass.
 
+    The scoring pass is measured in steady state: a first forward and backward (on a short
+    batch) proves the plan, as the first micro-batch of a run does, and the measured pass
+    is the next one. Its bytes are the union (by storage) of what autograd saved and what
+    the engine captured.
+    """
     from gradsift.losses import causal_lm_losses
     from gradsift.norms import GhostNormEngine
 
@@ -235,9 +232,13 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
         model.zero_grad(set_to_none=True)
         del L
 
-        kw = {"verify": False} if "verify" in inspect.signature(GhostNormEngine).parameters else {}
-        engine = GhostNormEngine(model, params="all", keep_grads=True, **kw)
+        engine = GhostNormEngine(model, params="all", keep_grads=True, verify=False)
         try:
+            first = {k: v[:1, :8] for k, v in batch_of(vocab, 1, 16).items()}
+            engine.forward({k: v.to(device) for k, v in first.items()})
+            engine.backward()
+            engine.clear()
+            log(f"T={T}: first (proving) scoring pass done")
             saved = SavedBytes(model, where)
             t0 = time.perf_counter()
             with saved.hooks():
@@ -245,12 +246,16 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
             eng_saved = saved.totals()
             log(f"T={T}: scoring forward done")
             captured = engine_bytes(engine, names, exclude=set(saved.seen))
+            rows = lora_rows_from_shapes(model) * B
             if backward:
                 engine.backward()
                 kept = engine_bytes(engine, names)
+                rows_measured = sum(t.numel() * t.element_size()
+                                    for t in engine.per_sample_grads().values())
                 log(f"T={T}: scoring backward done")
             else:
-                kept = kept_from_shapes(model, B, T)
+                kept = {"layer": 0, "outside": 0}
+                rows_measured = None
             t_engine = time.perf_counter() - t0
         finally:
             engine.close()
@@ -265,8 +270,9 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
         "plain_layer": per_layer(plain), "plain_outside": per_tok(plain),
         "engine_saved_layer": per_layer(eng_saved), "engine_saved_outside": per_tok(eng_saved),
         "captured_layer": per_layer(captured), "captured_outside": per_tok(captured),
-        "kept_layer": per_layer(kept), "kept_outside": per_tok(kept),
-        "seconds_plain": t_plain, "seconds_engine": t_engine, "kept_measured": backward,
+        "kept_after_backward_layer": per_layer(kept), "kept_after_backward_outside": per_tok(kept),
+        "lora_rows_bytes_per_sample": rows / B, "lora_rows_measured_per_sample": (rows_measured / B if rows_measured else None),
+        "seconds_plain": t_plain, "seconds_engine": t_engine, "backward_measured": backward,
     }
 
 
@@ -275,16 +281,17 @@ def extrapolate(m: dict, n_full: int, lora_full: int, layers: int, micro: int, T
     weights = n_full * 2
     states = lora_full * 16
     plain = weights + states + tokens * (layers * m["plain_layer"] + m["plain_outside"])
-    # recompute (several micro-batches): the scoring pass keeps no output gradient
-    moderate = (weights + states
-                + tokens * (layers * (m["engine_saved_layer"] + m["captured_layer"])
-                            + m["engine_saved_outside"] + m["captured_outside"]))
-    # reuse: the output gradients of the micro-batch, and (several micro-batches) the window's per-sample rows
-    kept = tokens * (layers * m["kept_layer"] + m["kept_outside"])
-    per_sample = window * lora_full * 4 if window > micro else 0
-    reuse = moderate + kept + per_sample
-    return {"plain_GiB": plain / GiB, "moderate_recompute_GiB": moderate / GiB,
-            "moderate_reuse_GiB": reuse / GiB, "ratio_recompute": moderate / plain,
+    # the scoring pass of one micro-batch: what autograd saved (every parameter frozen) and the captures
+    scoring = (weights + states
+               + tokens * (layers * (m["engine_saved_layer"] + m["captured_layer"])
+                           + m["engine_saved_outside"] + m["captured_outside"]))
+    # recompute: the scoring passes keep nothing between micro-batches; the second pass is a plain step on
+    # micro-batches of kept rows
+    recompute = max(scoring, plain)
+    # reuse: every scored row's per-sample LoRA gradient until the optimizer batch is complete
+    reuse = scoring + window * lora_full * 4 if window > micro else scoring
+    return {"plain_GiB": plain / GiB, "moderate_recompute_GiB": recompute / GiB,
+            "moderate_reuse_GiB": reuse / GiB, "ratio_recompute": recompute / plain,
             "ratio_reuse": reuse / plain, "weights_GiB": weights / GiB}
 
 
@@ -326,11 +333,16 @@ def main() -> None:
         print(f"\n== {name}: {full} layers, {n_full / 1e9:.2f}B parameters, LoRA r={args.lora_r}: "
               f"{lora_full / 1e6:.1f}M")
         print("bytes per token per layer    " + "  ".join(f"T={r['T']:>5}" for r in runs))
-        for key in ("plain_layer", "engine_saved_layer", "captured_layer", "kept_layer"):
+        for key in ("plain_layer", "engine_saved_layer", "captured_layer", "kept_after_backward_layer"):
             print(f"  {key:<26} " + "  ".join(f"{r[key]:>7.0f}" for r in runs))
         print("bytes per token outside the layers")
-        for key in ("plain_outside", "engine_saved_outside", "captured_outside", "kept_outside"):
+        for key in ("plain_outside", "engine_saved_outside", "captured_outside", "kept_after_backward_outside"):
             print(f"  {key:<26} " + "  ".join(f"{r[key]:>7.0f}" for r in runs))
+        r = runs[-1]
+        measured = r["lora_rows_measured_per_sample"]
+        print(f"per-sample LoRA gradient row: {r['lora_rows_bytes_per_sample'] / 2**20:.1f} MiB per layer built"
+              + (f" (measured after the backward: {measured / 2**20:.1f} MiB)" if measured else "")
+              + f"; {lora_full * 4 / GiB:.2f} GiB per sample at full depth")
         print(f"{'micro':>5} {'T':>5} {'plain GiB':>10} {'Moderate (recompute)':>21} {'ratio':>6} "
               f"{'Moderate (reuse, window ' + str(args.window) + ')':>30} {'ratio':>6}")
         for r in rows:

@@ -535,3 +535,113 @@ def test_fallback_kept_gradient_without_per_sample_buffers(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per_sample_grad_norms(model, batch)
+
+
+# ---------------------------------------------------------------------- what the engine keeps
+def _naive_per_sample(model, batch, params):
+    """Reference per-sample gradients: one batch-size-1 backward per sample, unpadded."""
+    from gradsift.norms import response_losses
+
+    model.eval()
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        for p in params:
+            p.grad = None
+        out = model(input_ids=batch["input_ids"][i : i + 1, :n], attention_mask=batch["attention_mask"][i : i + 1, :n],
+                    use_cache=False)
+        response_losses(out.logits, batch["labels"][i : i + 1, :n]).sum().backward()
+        rows.append([p.grad.clone() for p in params])
+    for p in params:
+        p.grad = None
+    return rows
+
+
+def test_per_sample_grads_of_lora_and_of_other_trainable_layers():
+    """LoRA factors get their per-sample rows formed in the backward (no A or G kept for them); a trainable norm
+    (no such row) is built from its captures; both equal the batch-size-1 loop."""
+    torch.manual_seed(0)
+    model = add_lora(_llama(tied=False))
+    norm = model.base_model.model.model.norm
+    norm.weight.requires_grad_(True)
+    nn.init.normal_(norm.weight, 1.0, 0.2)
+    batch = make_batch(seed=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with GhostNormEngine(model, params="all", keep_grads=True) as eng:
+        eng.forward(batch)
+        G = eng.backward()
+        lora_groups = [g for g in eng.groups if "lora_" in eng.module_names[g.modules[0]]]
+        assert lora_groups and all(g.per_sample is not None and not g.calls for g in lora_groups)
+        assert not eng._gram_cache.store  # no input Gram outlives the backward
+        rows = eng.per_sample_grads(params)
+    ref = _naive_per_sample(model, batch, params)
+    assert set(rows) == {id(p) for p in params}
+    for j, p in enumerate(params):
+        for i in range(len(ref)):
+            torch.testing.assert_close(rows[id(p)][i], ref[i][j], rtol=1e-4, atol=1e-6)
+    G_ref, _ = naive_grad_norms(model, batch)
+    assert_close(G, G_ref)
+
+
+def test_lora_factors_share_their_base_layers_bf16_input():
+    """PEFT keeps the adapters in fp32 and casts each bf16 input up for lora_A: the engine keeps the bf16 capture of
+    the base layer once, not a second fp32 copy per adapter; G stays within bf16 tolerance of float64."""
+    import copy
+
+    torch.manual_seed(0)
+    model = add_lora(_llama(tied=False).to(torch.bfloat16))
+    assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_A" in n)
+    batch = make_batch(seed=6)
+    with GhostNormEngine(model, params="all") as eng:
+        eng.forward(batch)
+        names = eng.module_names
+        shared = 0
+        for g in eng.groups:
+            name = names[g.modules[0]]
+            if name.endswith("lora_A.default"):
+                base = eng.group_of[eng.model.get_submodule(name.rsplit(".lora_A", 1)[0] + ".base_layer")]
+                A, A_base = g.calls[0].ctx["A"], base.calls[0].ctx["A"]
+                assert A.dtype == torch.bfloat16 and A.data_ptr() == A_base.data_ptr(), name
+                shared += 1
+        assert shared == 7 * model.config.num_hidden_layers
+        G = eng.backward()
+    ref64 = copy.deepcopy(model).double()
+    G_ref, _ = naive_grad_norms(ref64, batch)
+    assert ((G.double() - G_ref).abs() / G_ref).max() < 1e-2
+
+
+class FlakyNorm(nn.LayerNorm):
+    """Affine in its weight (proven when the engine is built) until ``broken`` is set: then it squares it."""
+
+    broken = False
+
+    def forward(self, x):
+        w = self.weight.pow(2) if self.broken else self.weight
+        return F.layer_norm(x, self.normalized_shape, w, self.bias, self.eps)
+
+
+def test_a_proven_rule_that_fails_on_a_later_batch_is_scored_exactly():
+    """Only the fallback's parameters require grad in a scoring forward: a proven norm that fails its call check on
+    the second batch goes to the fallback, and that batch is run again with its parameters requiring grad."""
+    torch.manual_seed(0)
+    model = _Tiny(norm=FlakyNorm(16))
+    nn.init.normal_(model.norm.weight, 0.5, 0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GhostNormEngine(model, params="all") as eng:
+            b1 = make_batch(seed=1)
+            eng.forward(b1)
+            assert_close(eng.backward(), naive_grad_norms(model, b1)[0])
+            assert not eng.fallback
+            FlakyNorm.broken = True
+            try:
+                b2 = make_batch(seed=2)
+                eng.forward(b2)
+                G2 = eng.backward()
+                fallback = [eng.param_names[id(p)] for p in eng.fallback]
+                G2_ref, _ = naive_grad_norms(model, b2)
+            finally:
+                FlakyNorm.broken = False
+    assert sorted(fallback) == ["norm.bias", "norm.weight"]
+    assert any("norm (FlakyNorm)" in str(w.message) for w in caught)
+    assert_close(G2, G2_ref)

@@ -163,3 +163,18 @@ def test_adapter_dropout_updates_with_a_second_pass(tmp_path):
     no_dropout = trainable_grads(model)
     name = next(n for n in got if "lora_B" in n)
     assert not torch.allclose(got[name], no_dropout[name], rtol=1e-3)  # dropout really acted on the update
+
+
+def test_auto_keeps_per_sample_rows_when_they_fit_and_recomputes_otherwise(tmp_path):
+    """selection_backward auto over 4 micro-batches: per-sample LoRA rows when the optimizer batch's rows fit in
+    reuse_memory_fraction of the device's memory, a second pass when they do not; the same kept rows and update."""
+    from gradsift.train.config import MethodSettings
+
+    data, batch = dataset(16)
+    fits, g_fits = run_step(tmp_path / "a", MethodSettings(name="moderate", rho=0.2), 4, 4, data)
+    tight, g_tight = run_step(tmp_path / "b", MethodSettings(name="moderate", rho=0.2, reuse_memory_fraction=1e-12),
+                              4, 4, data)
+    assert fits._strategy == "per_sample" and tight._strategy == "recompute"
+    assert kept_rows(fits) == kept_rows(tight)
+    assert_grads_close(g_fits[0], g_tight[0])
+    assert_grads_close(g_fits[0], fresh_grads(kept_rows(fits), batch))

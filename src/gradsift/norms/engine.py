@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 from gradsift.norms.rules import Call, EmbeddingRule, LinearRule, NormRule, Rule, dispatch
 from gradsift.norms.rules.base import NotCovered, add_grad, hooks_suspended, set_batch_tokens, suspend_hooks
 from gradsift.norms.rules.embedding import embedding_sq_norms
-from gradsift.norms.rules.linear import GramCache, gram_or_materialize
+from gradsift.norms.rules.linear import GramCache, SharedInputs, gram_or_materialize
 
 ParamSet = Literal["all", "trainable"]
 
@@ -190,6 +190,7 @@ class _Group:
 
     provisional = False  # every call is checked; a failed check demotes the group to the fallback
     demoted = False
+    per_sample: dict[str, torch.Tensor] | None = None
 
     def __init__(self, rule: Rule, names: set[str], trainable: set[str]):
         self.rule = rule
@@ -197,6 +198,9 @@ class _Group:
         self.trainable = trainable  # parameter names whose summed gradient can be accumulated
         self.calls: list[Call] = []
         self.received = 0
+        # keep_grads: the trainable parameters' per-sample gradients (B, *shape) where they are smaller
+        # than the captures they come from (formed as the gradient arrives; the captures are then freed)
+        self.per_sample: dict[str, torch.Tensor] | None = None
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -211,16 +215,44 @@ class _Group:
     def all_calls(self) -> list[Call]:
         return self.calls
 
-    def sq_norms(self, batch_size: int) -> torch.Tensor:
+    def sq_norms(self, batch_size: int, keep: bool = False) -> torch.Tensor:
+        """The group's per-sample squared norms (B,); with ``keep`` (the engine's keep_grads) the trainable
+        parameters' per-sample gradients are formed and kept where that is smaller than the captures."""
+        if keep:
+            sq = self._keep_per_sample(batch_size)
+            if sq is not None:
+                return sq
         return self.rule.sq_norms(self.calls, self.names, batch_size)
 
+    def _keep_per_sample(self, batch_size: int) -> torch.Tensor | None:
+        """Form the trainable parameters' per-sample gradients now if the rule finds them smaller than its
+        captures; return the group's per-sample squared norms then (None: the captures are kept)."""
+        form = getattr(self.rule, "per_sample_grads", None)
+        if form is None or not self.trainable:
+            return None
+        ps = form(self.calls, self.trainable, batch_size)
+        if ps is None:
+            return None
+        sq = sum(g.pow(2).flatten(1).sum(1) for n, g in ps.items() if n in self.names)
+        frozen = self.names - self.trainable
+        if frozen:
+            sq = sq + self.rule.sq_norms(self.calls, frozen, batch_size)
+        self.per_sample = ps
+        self.calls = []
+        return sq
+
     def accumulate(self, index: torch.Tensor, scale: float) -> None:
-        if self.calls:
+        if self.per_sample is not None:
+            module = self.rule.module
+            for n, g in self.per_sample.items():
+                add_grad(module._parameters[n], scale * g[index].sum(dim=0))
+        elif self.calls:
             self.rule.accumulate(self.calls, self.trainable, index, scale)
 
     def reset(self) -> None:
         self.calls = []
         self.received = 0
+        self.per_sample = None
 
 
 class _TiedGroup(_Group):
@@ -275,7 +307,7 @@ class _TiedGroup(_Group):
             self.head_calls = [c for c in self.head_calls if c.grad is not None]
         self.emb_calls = [c for c in self.emb_calls if c.grad is not None]
 
-    def sq_norms(self, batch_size):
+    def sq_norms(self, batch_size, keep=False):
         if self._head is None and self.head_calls:
             self.head_ready(batch_size, keep=True)
         if self._head is not None:
@@ -445,9 +477,12 @@ class GhostNormEngine:
             )
 
         self._gram_cache = GramCache()
+        self._shared_inputs = SharedInputs()
         for g in self.groups:
-            if not isinstance(g, _TiedGroup) and isinstance(g.rule, LinearRule) and "weight" in g.names:
-                g.rule.gram_cache = self._gram_cache
+            if not isinstance(g, _TiedGroup) and isinstance(g.rule, LinearRule):
+                g.rule.shared_inputs = self._shared_inputs
+                if "weight" in g.names:
+                    g.rule.gram_cache = self._gram_cache
         self._fallback_L: torch.Tensor | None = None
         # hook every module of a group, and every embedding (the roots of the backward pass)
         hooked = set(self.group_of)
@@ -628,7 +663,7 @@ class GhostNormEngine:
         else:
             calls = group.calls = [c for c in group.calls if c.grad is not None]
         if calls and group.names:
-            self._sq += group.sq_norms(self._B).to(self._sq.device)
+            self._sq += group.sq_norms(self._B, keep=self.keep_grads).to(self._sq.device)
         if not (self.keep_grads and group.trainable):
             group.reset()
         group.received = -1  # finalized
@@ -696,6 +731,7 @@ class GhostNormEngine:
                                           **extra)
         finally:
             self._active = False
+            self._shared_inputs.reset()  # sharing is decided in the forward; hold no capture beyond it
             for p, flag in saved:
                 p.requires_grad_(flag)
         if not self._roots:
@@ -822,12 +858,15 @@ class GhostNormEngine:
         """
         if not self.keep_grads:
             raise RuntimeError("accumulate_grad needs GhostNormEngine(..., keep_grads=True)")
+        self._accumulate(index, scale)
+
+    def _accumulate(self, index, scale: float, skip_per_sample: bool = False) -> None:
         index = torch.as_tensor(index, dtype=torch.long).flatten()
         if index.numel() == 0:
             return
         scale = scale / self._grad_scale  # fp16: what the backward captured is loss scaled
         for g in self.groups:
-            if g.trainable:
+            if g.trainable and not (skip_per_sample and g.per_sample is not None):
                 g.accumulate(index.to(_device_of(g)), scale)
         trainable = [p for p in self.fallback if id(p) in self.trainable_ids]
         if trainable and self._fallback_L is not None:
@@ -842,11 +881,48 @@ class GhostNormEngine:
                 if g is not None:
                     add_grad(p, g)
 
+    def per_sample_grads(self, params: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Each sample's gradient of the trainable parameters: {id(p): (B, *p.shape) float32}.
+
+        Needs ``keep_grads=True`` and a finished ``backward`` over every row. Layers whose
+        per-sample gradients the backward already formed (LoRA factors) give them as they
+        are (no copy); the others are built one sample at a time from their captures. The
+        engine drops its references at ``clear()``.
+        """
+        if not self.keep_grads:
+            raise RuntimeError("per_sample_grads needs GhostNormEngine(..., keep_grads=True)")
+        if params is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        out: dict[int, torch.Tensor] = {}
+        for g in self.groups:
+            if g.per_sample is not None:
+                module = g.rule.module
+                for n, t in g.per_sample.items():
+                    out[id(module._parameters[n])] = t if self._grad_scale == 1.0 else t / self._grad_scale
+        rest = [p for p in params if id(p) not in out]
+        if rest:
+            saved = [p.grad for p in rest]
+            rows = {id(p): torch.zeros((self._B, *p.shape), dtype=torch.float32, device=p.device) for p in rest}
+            try:
+                for i in range(self._B):
+                    for p in rest:
+                        p.grad = None
+                    self._accumulate([i], 1.0, skip_per_sample=True)
+                    for p in rest:
+                        if p.grad is not None:
+                            rows[id(p)][i] = p.grad.float()
+            finally:
+                for p, grad in zip(rest, saved):
+                    p.grad = grad
+            out.update(rows)
+        return {id(p): out[id(p)] for p in params if id(p) in out}
+
     def clear(self) -> None:
         """Drop everything captured for the last batch."""
         for g in self.groups:
             g.reset()
         self._gram_cache.reset()
+        self._shared_inputs.reset()
         self._roots = []
         self._graph_loss = None
         self._fallback_grads = {}

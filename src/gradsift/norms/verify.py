@@ -94,8 +94,8 @@ def recording(engine):
     for g in engine.groups:
         orig = g.sq_norms
 
-        def rec(batch_size, _orig=orig, _g=g):
-            out = _orig(batch_size)
+        def rec(batch_size, *args, _orig=orig, _g=g, **kwargs):
+            out = _orig(batch_size, *args, **kwargs)
             record[id(_g)] = record[id(_g)] + out.detach().double().cpu()
             return out
 

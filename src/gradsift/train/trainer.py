@@ -272,19 +272,28 @@ class SelectionStepMixin:
         of the kept rows at the end of the window.
         """
         mode = self.method.selection_backward
+        several = not one_pass and self.method_spec.needs_scores
         if mode == "auto":
             from accelerate.utils import DistributedType
 
             sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-            # several micro-batches: the second pass keeps nothing between them (memory first; per-sample
-            # LoRA gradients, selection_backward="reuse", trade memory for the second pass's time)
-            if sharded or self._dropout_active(model) or not (one_pass or not self.method_spec.needs_scores):
+            if sharded or self._dropout_active(model) or (several and not self._rows_fit(model)):
                 mode = "recompute"
             else:
                 mode = "reuse"
         if mode == "recompute":
             return "recompute"
-        return "captures" if one_pass or not self.method_spec.needs_scores else "per_sample"
+        return "per_sample" if several else "captures"
+
+    def _rows_fit(self, model: nn.Module) -> bool:
+        """Do the optimizer batch's per-sample trainable gradients (fp32, this process's rows) fit in
+        ``reuse_memory_fraction`` of the device's memory?"""
+        from gradsift.runtime import device_memory_bytes
+
+        rows = self.args.per_device_train_batch_size * max(1, int(self.current_gradient_accumulation_steps))
+        need = rows * sum(p.numel() for p in self._trainable(model)) * 4
+        total = device_memory_bytes(self.args.device)
+        return total is not None and need <= self.method.reuse_memory_fraction * total
 
     def _selection_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """One micro-batch of an optimizer batch: scored now, selected with the others at the window's end.
@@ -344,26 +353,12 @@ class SelectionStepMixin:
         self._pooled += entry["n"]
         self._window.append(entry)
 
-    def _per_sample_grads(self, engine, model: nn.Module, b: int) -> torch.Tensor:
-        """(b, P) flat fp32 per-sample gradients of the trainable parameters, from the engine's captures."""
-        params = self._trainable(model)
-        saved = [p.grad for p in params]
-        out = torch.zeros(b, sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-        try:
-            for i in range(b):
-                for p in params:
-                    p.grad = None
-                engine.accumulate_grad([i], scale=1.0)
-                pos = 0
-                for p in params:
-                    if p.grad is not None:
-                        out[i, pos : pos + p.numel()] = p.grad.reshape(-1)
-                    pos += p.numel()
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
+    def _per_sample_grads(self, engine, model: nn.Module, b: int) -> dict[int, torch.Tensor]:
+        """{id(p): (b, *p.shape) fp32}: each row's gradient of every trainable parameter (the LoRA factors'
+        formed by the engine as their gradients arrived), kept until the window's end."""
+        grads = engine.per_sample_grads(self._trainable(model))
         engine.clear()
-        return out
+        return grads
 
     def _weights(self, kept: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The weight of each kept sample's L_i in the update (they sum to 1)."""
@@ -435,24 +430,24 @@ class SelectionStepMixin:
         return torch.cat([self._gather_1d(p)[0] for p in parts])
 
     def _add_per_sample(self, model: nn.Module, local, grad_scale: float) -> None:
-        params = self._trainable(model)
-        total = None
-        for e, idx, w in local:
-            if idx.numel():
-                part = (e["grads"][idx.to(e["grads"].device)] * w.to(e["grads"].device, torch.float32)[:, None]).sum(0)
+        """Add sum_i w_i grad L_i over the window's kept rows, from the per-sample gradients kept per micro-batch."""
+        for p in self._trainable(model):
+            total = None
+            for e, idx, w in local:
+                rows = e["grads"].get(id(p))
+                if rows is None or not idx.numel():
+                    continue
+                part = torch.tensordot(w.to(rows.device, torch.float32), rows[idx.to(rows.device)], dims=1)
                 total = part if total is None else total + part
-            e["grads"] = None
-        if total is None:
-            return
-        total *= grad_scale
-        pos = 0
-        for p in params:
-            g = total[pos : pos + p.numel()].view(p.shape).to(p.dtype)
-            pos += p.numel()
+            if total is None:
+                continue
+            g = (total * grad_scale).to(p.dtype)
             if p.grad is None:
-                p.grad = g.clone()
+                p.grad = g
             else:
                 p.grad.add_(g)
+        for e, _, _ in local:
+            e["grads"] = None
 
     def _recompute_backward(self, model: nn.Module, unwrapped: nn.Module, local) -> None:
         """A fresh forward/backward of the kept rows, chunked by the micro-batch size.

@@ -40,10 +40,12 @@ class GramCache:
         self.uses[k] = self.uses.get(k, 0) + 1
 
     def gram(self, A: torch.Tensor) -> torch.Tensor:
+        """(A A^T) in fp32 of a registered capture ``A`` (in its captured dtype); counts one use."""
         k = self.key(A)
         aa = self.store.get(k)
         if aa is None:
-            aa = torch.bmm(A, A.transpose(1, 2))
+            Af = A.float()
+            aa = torch.bmm(Af, Af.transpose(1, 2))
         left = self.uses.get(k, 1) - 1
         self.uses[k] = left
         if left > 0:
@@ -52,9 +54,46 @@ class GramCache:
             self.store.pop(k, None)
         return aa
 
+    def release(self, A: torch.Tensor) -> None:
+        """A registered user that will not ask for the Gram after all."""
+        k = self.key(A)
+        left = self.uses.get(k, 0) - 1
+        self.uses[k] = left
+        if left <= 0:
+            self.store.pop(k, None)
+
     def reset(self) -> None:
         self.uses.clear()
         self.store.clear()
+
+
+class SharedInputs:
+    """One capture per input whatever its dtype, for one forward pass.
+
+    PEFT keeps the adapters in fp32 and casts a bf16 layer input to fp32 before each
+    ``lora_A``: captured as it comes, every LoRA layer would hold a second, twice as
+    large copy of what its base layer already captured. A floating input is compared
+    with the last capture of the same shape in a narrower dtype; when it is exactly that
+    capture upcast, the narrower tensor is kept instead (the rules compute in fp32 from
+    it, so every number is unchanged).
+    """
+
+    def __init__(self):
+        self.latest: dict[tuple, torch.Tensor] = {}
+
+    def narrowest(self, A: torch.Tensor) -> torch.Tensor:
+        if not A.dtype.is_floating_point:
+            return A
+        k = (tuple(A.shape), A.device)
+        prev = self.latest.get(k)
+        if prev is not None and prev.dtype != A.dtype and prev.element_size() < A.element_size() \
+                and torch.equal(prev.to(A.dtype), A):
+            return prev
+        self.latest[k] = A
+        return A
+
+    def reset(self) -> None:
+        self.latest.clear()
 
 
 def _ghost_mode(T: int, d_in: int, d_out: int, mode: str) -> str:
@@ -64,13 +103,17 @@ def _ghost_mode(T: int, d_in: int, d_out: int, mode: str) -> str:
 
 
 def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
-                        cache: GramCache | None = None) -> torch.Tensor:
-    """sum over t,s of (a_t . a_s)(g_t . g_s) per sample, i.e. ||G^T A||_F^2, for (B,T,d) inputs."""
+                        cache: GramCache | None = None, raw: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over t,s of (a_t . a_s)(g_t . g_s) per sample, i.e. ||G^T A||_F^2, for (B,T,d) inputs.
+
+    With ``cache``, A A^T comes from the cache under ``raw`` (the registered capture of
+    which ``A`` is the fp32 view).
+    """
     B, T, d_in = A.shape
     d_out = G.shape[-1]
     mode = _ghost_mode(T, d_in, d_out, mode)
     if mode == "ghost":
-        aa = cache.gram(A) if cache is not None else torch.bmm(A, A.transpose(1, 2))
+        aa = cache.gram(raw if raw is not None else A) if cache is not None else torch.bmm(A, A.transpose(1, 2))
         gg = torch.bmm(G, G.transpose(1, 2))
         return (aa * gg).sum(dim=(1, 2))
     out = torch.empty(B, dtype=torch.float32, device=A.device)
@@ -85,27 +128,57 @@ class LinearRule(Rule):
     param_names = ("weight", "bias")
     mode = "auto"  # "ghost", "materialize" or "auto" (per call, by cost)
     gram_cache: GramCache | None = None  # set by the engine to share input Grams
+    shared_inputs: "SharedInputs | None" = None  # set by the engine: one capture per input, whatever its dtype
 
     def capture(self, args, output, batch_size):
         A = as_btd(args[0].detach(), batch_size)
-        if self.gram_cache is not None:
-            self.gram_cache.register(A)
-        return {"A": A}, output
+        if self.shared_inputs is not None:
+            A = self.shared_inputs.narrowest(A)
+        ctx = {"A": A}
+        if self.gram_cache is not None and _ghost_mode(A.shape[1], A.shape[-1], output.shape[-1], self.mode) == "ghost":
+            self.gram_cache.register(A)  # its A A^T may serve the other layers that read the same input
+            ctx["gram"] = True
+        return ctx, output
 
     def _factors(self, calls: list[Call], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         A = cat_time([c.ctx["A"] for c in calls]).float()
         G = cat_time([as_btd(c.grad, batch_size) for c in calls]).float()
         return A, G
 
+    def _release_grams(self, calls: list[Call], used: Call | None = None) -> None:
+        for c in calls:
+            if c.ctx.pop("gram", False) and c is not used:
+                self.gram_cache.release(c.ctx["A"])
+
     def sq_norms(self, calls, names, batch_size):
         A, G = self._factors(calls, batch_size)
         out = torch.zeros(batch_size, dtype=torch.float32, device=A.device)
+        shared = calls[0] if len(calls) == 1 and "weight" in names and calls[0].ctx.get("gram") else None
+        self._release_grams(calls, used=shared)
         if "weight" in names:
-            shared = self.gram_cache if len(calls) == 1 and A.dtype == calls[0].ctx["A"].dtype else None
-            out += gram_or_materialize(A, G, self.mode, cache=shared)
+            out += gram_or_materialize(A, G, self.mode, cache=self.gram_cache if shared else None,
+                                       raw=calls[0].ctx["A"])
         if "bias" in names:
             out += self._bias_grads(calls, batch_size).pow(2).sum(dim=-1)
         return out
+
+    def per_sample_grads(self, calls, names, batch_size) -> dict[str, torch.Tensor] | None:
+        """Per-sample gradients (B, *shape), fp32, of the parameters in ``names``, when they take fewer
+        numbers than the factors A and G they come from (LoRA factors: r x d against T x (d + r)); else None."""
+        A, G = self._factors(calls, batch_size)
+        T, d_in, d_out = A.shape[1], A.shape[-1], G.shape[-1]
+        if d_in * d_out > T * (d_in + d_out):
+            return None
+        self._release_grams(calls)
+        out = {}
+        if "weight" in names:
+            out["weight"] = self._per_sample_weight(A, G)
+        if "bias" in names:
+            out["bias"] = self._bias_grads(calls, batch_size)
+        return out
+
+    def _per_sample_weight(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(G.transpose(1, 2), A)  # (B, d_out, d_in)
 
     def _bias_grads(self, calls: list[Call], batch_size: int) -> torch.Tensor:
         """Per-sample bias gradients (B, d_out), from the calls that added the bias."""
@@ -164,3 +237,6 @@ class Conv1DRule(LinearRule):
 
     def _weight_grad(self, A, G):
         return A.reshape(-1, A.shape[-1]).T @ G.reshape(-1, G.shape[-1])
+
+    def _per_sample_weight(self, A, G):
+        return torch.bmm(A.transpose(1, 2), G)  # (B, d_in, d_out)

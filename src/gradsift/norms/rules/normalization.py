@@ -60,6 +60,15 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
         return xhat if bool(((y.float() - pred).abs() <= tol).all()) else None
 
 
+def _narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) kept in the module's narrower ``dtype`` when that holds every value exactly (a bf16
+    model's xhat is a bf16 tensor), so the capture costs what the module's own activations cost."""
+    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
+        return x
+    narrow = x.to(dtype)
+    return narrow if torch.equal(narrow.to(x.dtype), x) else x
+
+
 class NormRule(Rule):
     param_names = ("weight", "bias")
     _zero_at_zero: bool | None = None  # y(w=0, b=0) == 0 (c = 0), learnt on the first call
@@ -98,20 +107,20 @@ class NormRule(Rule):
                 raise NotCovered(f"re-running the layer failed: {type(e).__name__}: {e}") from e
             if xhat is None:
                 raise NotCovered("its output is not y0 + xhat * weight + bias on this call")
-            return {"xhat": as_btd(xhat, batch_size)}, output
+            return {"xhat": as_btd(_narrowed(xhat, output.dtype), batch_size)}, output
         with suspend_hooks(), torch.no_grad():
             one = functional_call(self.module, params, (x,) + tuple(args[1:]))
             if self._zero_at_zero:  # y(w=0, b=0) was exactly 0 on a first call: c = 0, skip it
-                xhat = one.float()
+                xhat = one  # in the module's dtype: exactly what it multiplies by w
             else:
                 zero = functional_call(self.module, zeros, (x,) + tuple(args[1:]))
                 if self._zero_at_zero is None:
                     self._zero_at_zero = bool(torch.isfinite(one).all()) and not bool(zero.any())
-                xhat = one.float() - zero.float()
+                xhat = _narrowed(one.float() - zero.float(), one.dtype)
         return {"xhat": as_btd(xhat, batch_size)}, output
 
     def _factors(self, calls, batch_size):
-        xhat = cat_time([c.ctx["xhat"] for c in calls])
+        xhat = cat_time([c.ctx["xhat"] for c in calls]).float()
         g = cat_time([as_btd(c.grad, batch_size) for c in calls]).float()
         return xhat, g
 
