@@ -21,8 +21,9 @@ and ratios (absolute times on a shared machine are noise).
 
 With ``--micro-batch m`` every side runs the optimizer batch as B/m accumulated
 micro-batches (the Trainer's loop, sync on the last one); the Moderate-G_i sides then
-select over all B samples (``moderate``: per-sample LoRA gradients kept per micro-batch;
-``moderate_recompute``: a second forward/backward of the kept rows). On a GPU the peak
+select over all B samples (``moderate``: the default, ``selection_backward: auto``, which keeps
+per-sample LoRA gradients per micro-batch when they fit; ``moderate_recompute``: a second
+forward/backward of the kept rows). Each side prints the update path it took. On a GPU the peak
 memory of each side is printed too.
 """
 
@@ -164,11 +165,11 @@ def main() -> None:
         feats = features(model.config.vocab_size, n, args.seq_len)
     batch = collate(feats[: args.batch_size], pad)
     tmp = tempfile.mkdtemp()
-    reuse = "reuse" if accum > 1 else "auto"  # several micro-batches: per-sample LoRA gradients
+    # the default (auto): several micro-batches keep per-sample LoRA rows when they fit, else a second pass
     trainers = {"standard": make_trainer(model, "standard", feats, micro, tmp, pad, accum=accum),
-                "moderate": make_trainer(model, "moderate", feats, micro, tmp, pad, backward=reuse, accum=accum),
+                "moderate": make_trainer(model, "moderate", feats, micro, tmp, pad, accum=accum),
                 "moderate_trainable": make_trainer(model, "moderate", feats, micro, tmp, pad, params="trainable",
-                                                   backward=reuse, accum=accum)}
+                                                   accum=accum)}
     if accum > 1:
         trainers["moderate_recompute"] = make_trainer(model, "moderate", feats, micro, tmp, pad,
                                                       backward="recompute", accum=accum)
@@ -227,7 +228,8 @@ def main() -> None:
            "step_ratio_vs_plain": {m: v / med["plain"] for m, v in med.items()},
            "stage_s": stage, "stage_ratio": stage["moderate"] / stage["standard"],
            "stage_batches": args.stage_batches, "micro_batch": micro, "accumulation": accum,
-           "peak_GiB": peak, "geometry": args.geometry, "dtype": args.dtype}
+           "peak_GiB": peak, "geometry": args.geometry, "dtype": args.dtype,
+           "update": {m: trainers[name[m]]._strategy for m in methods if name[m] in trainers}}
     data = f"task {args.task}, max_length {args.seq_len}" if args.task else f"T={args.seq_len}"
     print(f"\n== {args.geometry or args.model} + LoRA r={args.lora_r}, B={args.batch_size} "
           f"({accum} x {micro}), {data}, "
@@ -236,7 +238,8 @@ def main() -> None:
         label = {"moderate": "moderate (G over all params)", "moderate_trainable": "moderate (G over LoRA params)",
                  "moderate_recompute": "moderate (all, second pass)"}
         mem = f"   peak {peak[m]:.1f} GiB (x{peak[m] / peak['plain']:.2f})" if m in peak else ""
-        print(f"  {label.get(m, m):<30} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step{mem}")
+        how = f"   [{res['update'][m]}]" if m in res["update"] and m != "plain" else ""
+        print(f"  {label.get(m, m):<30} step {v:7.2f} s   x{v / med['plain']:.2f} of the plain step{mem}{how}")
     print(f"  stage of {args.stage_batches} batches: standard {stage['standard']:.1f} s, "
           f"moderate {stage['moderate']:.1f} s -> ratio {res['stage_ratio']:.2f}")
     if args.json:

@@ -153,6 +153,20 @@ class _Tracer(TorchFunctionMode):
         return out
 
 
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _tensor_args(args: tuple, kwargs: dict):
+    """The tensors among a torch call's arguments, nested ones included (as ``tree_leaves`` finds them),
+    without flattening the common flat argument lists (this runs on every op of a scoring forward)."""
+    for group in (args, kwargs.values()):
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                yield a
+            elif not isinstance(a, _PLAIN):
+                yield from (t for t in tree_leaves(a) if isinstance(t, torch.Tensor))
+
+
 class _Usage(TorchFunctionMode):
     """During the scoring forward: a parameter of a group used outside the forward of its own module(s).
 
@@ -171,8 +185,8 @@ class _Usage(TorchFunctionMode):
         if not torch.is_grad_enabled() or hooks_suspended():
             return func(*args, **kwargs)
         outside = {}
-        for a in tree_leaves((args, kwargs)):
-            if isinstance(a, torch.Tensor) and id(a) in eng._owner_group:
+        for a in _tensor_args(args, kwargs):
+            if id(a) in eng._owner_group:
                 group, pname = eng._owner_group[id(a)]
                 if not group.demoted and not any(eng._running.get(m, 0) for m in group.modules):
                     outside.setdefault(id(group), (group, pname))

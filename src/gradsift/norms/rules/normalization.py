@@ -45,7 +45,10 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
         zw = torch.zeros_like(w)
         zb = None if b is None else torch.zeros_like(b)
         y0 = call(zw, zb)
-        xhat = call(torch.ones_like(w), zb) - y0
+        offset = bool(y0.any())  # c != 0 (Gemma's 1 + w) or a y0 of its own
+        xhat = call(torch.ones_like(w), zb)
+        if offset:
+            xhat = xhat.sub_(y0)
         if y is None:
             wv, bv = rand(w), (None if b is None else rand(b))
             y = call(wv, bv)
@@ -53,11 +56,20 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
             wv, bv = w.detach(), (None if b is None else b.detach())
         if y.shape != xhat.shape or xhat.shape[-1] != w.numel():
             return None
-        pred = y0 + xhat * wv.float() + (0.0 if bv is None else bv.float())
         eps = torch.finfo(y.dtype if y.dtype.is_floating_point else torch.float32).eps
         eps = max(eps, torch.finfo(w.dtype).eps, torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0)
-        tol = 16 * eps * (y.abs() + y0.abs() + (xhat * wv.float()).abs() + 1e-6)
-        return xhat if bool(((y.float() - pred).abs() <= tol).all()) else None
+        # |y - (y0 + xhat w + b)| <= 16 eps (|y| + |y0| + |xhat w| + 1e-6), with few full-size temporaries
+        xw = xhat * wv.float()
+        err = y.float() - xw
+        if bv is not None:
+            err.sub_(bv.float())
+        if offset:
+            err.sub_(y0)
+        bound = xw.abs_().add_(y.abs())
+        if offset:
+            bound.add_(y0.abs())
+        bound.add_(1e-6).mul_(16 * eps)
+        return xhat if bool((err.abs_() <= bound).all()) else None
 
 
 def _narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
