@@ -82,16 +82,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def _eager(model: nn.Module):
+def _eager(model: nn.Module, modules: list[nn.Module] | None = None):
     """Run compiled submodules eagerly while scoring, so that every hook sees its call.
 
     ``module.compile()`` sets ``_compiled_call_impl``; ``torch.compile(submodule)``
     put in place of a submodule is an ``OptimizedModule``: both are switched to
-    their plain module for the duration, then restored.
+    their plain module for the duration, then restored. ``modules``: the model's
+    modules, listed once by the caller.
     """
     compiled = _compiled_type()
     undo = []
-    for module in model.modules():
+    for module in (modules if modules is not None else model.modules()):
         if module.__dict__.get("_compiled_call_impl") is not None:
             undo.append((module.__dict__, "_compiled_call_impl", module.__dict__["_compiled_call_impl"]))
             module.__dict__["_compiled_call_impl"] = None
@@ -417,6 +418,9 @@ class GhostNormEngine:
     # ------------------------------------------------------------------ planning
     def _plan(self, strict: bool) -> None:
         named = list(self.model.named_parameters())  # shared parameters appear once
+        self._all_params = [p for _, p in named]
+        self._all_modules = list(self.model.modules())
+        self._plain_train = all(type(m).train is nn.Module.train for m in self._all_modules)
         self.param_names = {id(p): n for n, p in named}
         self.module_names = {m: n for n, m in self.model.named_modules()}
         if self.params == "all":
@@ -518,6 +522,14 @@ class GhostNormEngine:
         self._usage: _Usage | None = None
         self._handles.append(self.model.register_forward_pre_hook(self._model_start))
         self._handles.append(self.model.register_forward_hook(self._model_end, always_call=True))
+
+    def _set_training(self, mode: bool) -> None:
+        """``model.train(mode)``, without its walk over every module when none overrides ``train``."""
+        if self._plain_train:
+            for m in self._all_modules:
+                object.__setattr__(m, "training", mode)
+        else:
+            self.model.train(mode)
 
     def _model_start(self, module, args):
         if self._active and self._usage is None:
@@ -732,14 +744,14 @@ class GhostNormEngine:
         extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
         self._B = input_ids.shape[0]
         self._was_training = self.model.training
-        self.model.eval()  # no dropout while scoring
+        self._set_training(False)  # no dropout while scoring
         keep = self._forward_grad_ids(input_ids)
-        saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        saved = [(p, p.requires_grad) for p in self._all_params]
         for p, _ in saved:
             p.requires_grad_(id(p) in keep)
         self._active = True
         try:
-            with torch.enable_grad(), _eager(self.model):
+            with torch.enable_grad(), _eager(self.model, self._all_modules):
                 L, out = causal_lm_losses(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
                                                        "labels": labels}, trim=self.trim_logits, use_cache=False,
                                           **extra)
@@ -813,7 +825,7 @@ class GhostNormEngine:
         self._graph_loss = None
         self._roots = []
         if self._was_training:
-            self.model.train()
+            self._set_training(True)
         if checking:
             from gradsift.norms.verify import check_first_batch
 

@@ -253,7 +253,11 @@ class SelectionStepMixin:
         return self._selection_step(model, inputs)
 
     def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
+        """The trainable parameters, listed once per optimizer batch (a walk over every module)."""
+        cached = getattr(self, "_trainable_cache", None)
+        if cached is None or cached[0] is not model:
+            cached = self._trainable_cache = (model, [p for p in model.parameters() if p.requires_grad])
+        return cached[1]
 
     def _dropout_active(self, model: nn.Module) -> bool:
         """The model has dropout in training mode (LoRA dropout, or the model's own)."""
@@ -312,6 +316,7 @@ class SelectionStepMixin:
         engine = self._get_engine(unwrapped)
         end = bool(self.accelerator.sync_gradients)
         if not self._window:
+            self._trainable_cache = None
             self._strategy = self._update_strategy(unwrapped, one_pass=end)
             # the output gradients are kept only where the update is built from the captures
             engine.keep_grads = self._strategy != "recompute"
@@ -325,7 +330,8 @@ class SelectionStepMixin:
             raise
         finally:
             engine.clear()
-            model.train()
+            if not model.training:  # the engine scores in eval mode and restores the whole model
+                model.train()
 
     def _score_micro_batch(self, engine, unwrapped: nn.Module, batch: dict[str, Any], rows) -> None:
         """L_i (and, for methods that need them, G_i) of one micro-batch, pooled over the ranks."""
