@@ -234,7 +234,7 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
 
         engine = GhostNormEngine(model, params="all", keep_grads=True, verify=False)
         try:
-            first = {k: v[:1, :8] for k, v in batch_of(vocab, 1, 16).items()}
+            first = batch_of(vocab, 1, 8)
             engine.forward({k: v.to(device) for k, v in first.items()})
             engine.backward()
             engine.clear()
