@@ -205,6 +205,8 @@ class _Group:
 
     provisional = False  # every call is checked; a failed check demotes the group to the fallback
     demoted = False
+    # keep_grads: the trainable parameters' per-sample gradients (B, *shape) where they are smaller than
+    # the captures they come from (formed as the gradient arrives; the captures are then freed)
     per_sample: dict[str, torch.Tensor] | None = None
 
     def __init__(self, rule: Rule, names: set[str], trainable: set[str]):
@@ -213,9 +215,6 @@ class _Group:
         self.trainable = trainable  # parameter names whose summed gradient can be accumulated
         self.calls: list[Call] = []
         self.received = 0
-        # keep_grads: the trainable parameters' per-sample gradients (B, *shape) where they are smaller
-        # than the captures they come from (formed as the gradient arrives; the captures are then freed)
-        self.per_sample: dict[str, torch.Tensor] | None = None
 
     @property
     def modules(self) -> list[nn.Module]:

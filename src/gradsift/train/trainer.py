@@ -355,11 +355,11 @@ class SelectionStepMixin:
                 self._raise_non_finite("gradient norm", G, rows_all)
             entry["G"] = G
             if self._strategy == "per_sample":
-                entry["grads"] = self._per_sample_grads(engine, unwrapped, entry["b"])
+                entry["grads"] = self._per_sample_grads(engine, unwrapped)
         self._pooled += entry["n"]
         self._window.append(entry)
 
-    def _per_sample_grads(self, engine, model: nn.Module, b: int) -> dict[int, torch.Tensor]:
+    def _per_sample_grads(self, engine, model: nn.Module) -> dict[int, torch.Tensor]:
         """{id(p): (b, *p.shape) fp32}: each row's gradient of every trainable parameter (the LoRA factors'
         formed by the engine as their gradients arrived), kept until the window's end."""
         grads = engine.per_sample_grads(self._trainable(model))
