@@ -649,6 +649,25 @@ class GhostNormEngine:
             return None
         if not isinstance(output, torch.Tensor):
             return None
+        with self._usage_paused():
+            return self._capture_output(module, args, output, tracer)
+
+    @contextmanager
+    def _usage_paused(self):
+        """The engine's own work in a hook (captures, norm re-runs, hook registration) outside the usage check:
+        none of it is a use of a parameter by the model, and most torch calls of a scoring forward are these."""
+        usage = self._usage
+        n = torch._C._len_torch_function_stack()
+        if usage is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not usage:
+            yield
+            return
+        torch._C._pop_torch_function_stack()
+        try:
+            yield
+        finally:
+            torch._C._push_on_torch_function_stack(usage)
+
+    def _capture_output(self, module, args, output, tracer):
         out = output
         if isinstance(module, nn.Embedding) and not (tracer is not None and tracer.rooted and tracer.failure is None):
             # an embedding no rule traced (frozen, or in the fallback): its output is a root of the backward

@@ -115,7 +115,7 @@ def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
     if mode == "ghost":
         aa = cache.gram(raw if raw is not None else A) if cache is not None else torch.bmm(A, A.transpose(1, 2))
         gg = torch.bmm(G, G.transpose(1, 2))
-        return (aa * gg).sum(dim=(1, 2))
+        return torch.linalg.vecdot(aa.reshape(B, -1), gg.reshape(B, -1))  # sum_{t,s}, without a (B, T, T) product
     out = torch.empty(B, dtype=torch.float32, device=A.device)
     step = max(1, MATERIALIZE_BUDGET // max(1, d_in * d_out))
     for s in range(0, B, step):
