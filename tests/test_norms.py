@@ -645,3 +645,69 @@ def test_a_proven_rule_that_fails_on_a_later_batch_is_scored_exactly():
     assert sorted(fallback) == ["norm.bias", "norm.weight"]
     assert any("norm (FlakyNorm)" in str(w.message) for w in caught)
     assert_close(G2, G2_ref)
+
+
+class _CopiedRMSNorm(nn.Module):
+    """Hugging Face's RMSNorm forward, copied into another class (as "# Copied from" does across models)."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class _ShiftedRMSNorm(_CopiedRMSNorm):
+    """The same forward text, but ``weight`` is a property that adds 1 (Gemma's 1 + w): not the registered layer."""
+
+    forward = _CopiedRMSNorm.forward
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        self.raw = self._parameters.pop("weight")
+
+    @property
+    def weight(self):
+        return self.raw + 1
+
+
+def test_a_copied_forward_is_covered_as_the_registered_class_and_nothing_else():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from gradsift.norms.rules import NormRule, dispatch, same_forward
+
+    assert dispatch(LlamaRMSNorm(8)) == (NormRule, False)
+    assert same_forward(Qwen2RMSNorm, LlamaRMSNorm) and dispatch(Qwen2RMSNorm(8)) == (NormRule, False)
+    assert dispatch(_CopiedRMSNorm(8)) == (NormRule, False)  # the same bytecode, names and globals
+
+    class Scaled(_CopiedRMSNorm):  # one constant differs
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return self.weight * hidden_states.to(input_dtype) * 2
+
+    assert not same_forward(Scaled, LlamaRMSNorm)
+    assert dispatch(Scaled(8)) == (NormRule, True)  # proven on a probe, then checked on every call
+    assert not same_forward(_ShiftedRMSNorm, LlamaRMSNorm, NormRule.param_names)
+    assert dispatch(_ShiftedRMSNorm(8))[0] is None  # owns "raw", not "weight": the exact fallback
+
+    # scored through the registered path, the copy is exact against the per-sample loop
+    torch.manual_seed(0)
+    model = _Tiny(norm=_CopiedRMSNorm(16))
+    nn.init.normal_(model.norm.weight, 0.5, 0.3)
+    b = make_batch(seed=3)
+    with GhostNormEngine(model, params="all") as eng:
+        eng.forward(b)
+        G = eng.backward()
+        norm_rules = [g.rule for g in eng.groups if isinstance(getattr(g, "rule", None), NormRule)]
+        assert norm_rules and not any(r.check_calls for r in norm_rules) and not eng.fallback
+    assert_close(G, naive_grad_norms(model, b)[0])

@@ -23,6 +23,7 @@ pass instead of running a second backward.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Literal
@@ -168,6 +169,32 @@ def _tensor_args(args: tuple, kwargs: dict):
                 yield from (t for t in tree_leaves(a) if isinstance(t, torch.Tensor))
 
 
+def _flat(args: tuple) -> bool:
+    """Are a call's arguments all tensors and plain values (most calls: no nested list to flatten)?"""
+    for a in args:
+        if not isinstance(a, (torch.Tensor, *_PLAIN)):
+            return False
+    return True
+
+
+def _flag_only_train(module: nn.Module) -> bool:
+    """Does ``module.train(mode)`` only set ``training`` on it and its children? nn.Module's own ``train`` does,
+    and so does transformers' ``PreTrainedModel.train`` when the model uses no hub kernels (which it recasts)."""
+    train = type(module).train
+    if train is nn.Module.train:
+        return True
+    hf = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return hf is not None and train is hf.train and not getattr(module, "use_kernels", False)
+
+
+def _in_forward(group: "_Group", running: dict) -> bool:
+    """Is one of the group's modules running its forward now?"""
+    for m in group.modules:
+        if running.get(m, 0):
+            return True
+    return False
+
+
 class _Usage(TorchFunctionMode):
     """During the scoring forward: a parameter of a group used outside the forward of its own module(s).
 
@@ -185,12 +212,13 @@ class _Usage(TorchFunctionMode):
         eng = self.engine
         if not torch.is_grad_enabled() or hooks_suspended():
             return func(*args, **kwargs)
-        outside = {}
-        for a in _tensor_args(args, kwargs):
-            if id(a) in eng._owner_group:
-                group, pname = eng._owner_group[id(a)]
-                if not group.demoted and not any(eng._running.get(m, 0) for m in group.modules):
-                    outside.setdefault(id(group), (group, pname))
+        outside = None
+        owner = eng._owner_group
+        for a in (_tensor_args(args, kwargs) if kwargs or not _flat(args) else args):
+            hit = owner.get(id(a))
+            if hit is not None and not hit[0].demoted and not _in_forward(hit[0], eng._running):
+                outside = outside or {}
+                outside.setdefault(id(hit[0]), hit)
         out = func(*args, **kwargs)
         if outside and _computes(out):  # not a mere read (dtype, shape, is_floating_point())
             for group, pname in outside.values():
@@ -419,7 +447,7 @@ class GhostNormEngine:
         named = list(self.model.named_parameters())  # shared parameters appear once
         self._all_params = [p for _, p in named]
         self._all_modules = list(self.model.modules())
-        self._plain_train = all(type(m).train is nn.Module.train for m in self._all_modules)
+        self._train_overrides = [m for m in self._all_modules if type(m).train is not nn.Module.train]
         self.param_names = {id(p): n for n, p in named}
         self.module_names = {m: n for n, m in self.model.named_modules()}
         if self.params == "all":
@@ -523,8 +551,9 @@ class GhostNormEngine:
         self._handles.append(self.model.register_forward_hook(self._model_end, always_call=True))
 
     def _set_training(self, mode: bool) -> None:
-        """``model.train(mode)``, without its walk over every module when none overrides ``train``."""
-        if self._plain_train:
+        """``model.train(mode)``, without its walk over every module when no module's ``train`` does more than
+        set the flag."""
+        if all(_flag_only_train(m) for m in self._train_overrides):
             for m in self._all_modules:
                 object.__setattr__(m, "training", mode)
         else:

@@ -22,6 +22,11 @@ forward function). A module of no registered type is covered only by a rule
 that checks every call (the elementwise-affine rule of normalization layers,
 the traced ``F.linear`` rule of routers). Everything else goes to the engine's
 exact per-sample fallback.
+
+A class of no registered type whose ``forward`` is the same code as a registered
+class's (the RMSNorm that Hugging Face copies into Qwen2, Mistral, Phi-3... as
+``# Copied from transformers.models.llama...``) computes the same thing and is
+covered as that class (:func:`same_forward`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ try:
     from transformers.pytorch_utils import Conv1D
 
     REGISTRY[Conv1D] = Conv1DRule
+except ImportError:  # pragma: no cover
+    pass
+try:  # y = weight * (x / rms(x)): elementwise affine in its weight, zero at zero
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    REGISTRY[LlamaRMSNorm] = NormRule
 except ImportError:  # pragma: no cover
     pass
 
@@ -83,6 +94,30 @@ def register_rule(module_type, rule=_UNSET, first: bool = True) -> None:
     REGISTRY[module_type] = rule
 
 
+# co_flags below this bit describe the code itself; the __future__ flags above it (annotations) do not
+_CODE_FLAGS = 0xFFFF
+
+
+def _code_key(code) -> tuple:
+    return (code.co_code, code.co_consts, code.co_names, code.co_varnames, code.co_argcount,
+            code.co_kwonlyargcount, code.co_flags & _CODE_FLAGS, code.co_freevars)
+
+
+def same_forward(cls: type, base: type, param_names: tuple[str, ...] = ()) -> bool:
+    """Does ``cls`` run ``base``'s forward: the same bytecode, constants and names, the same objects behind
+    the global names it reads, no closure, the default ``__call__``, and no class attribute shadowing the
+    parameters the forward reads?"""
+    f, g = getattr(cls, "forward", None), getattr(base, "forward", None)
+    code_f, code_g = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    if code_f is None or code_g is None or f.__closure__ or g.__closure__ or _code_key(code_f) != _code_key(code_g):
+        return False
+    if cls.__call__ is not nn.Module.__call__ or any(hasattr(cls, n) for n in param_names):
+        return False
+    missing = object()
+    return all(f.__globals__.get(n, missing) is g.__globals__.get(n, missing) for n in code_f.co_names
+               if n in f.__globals__ or n in g.__globals__)
+
+
 def dispatch(module: nn.Module) -> tuple[type[Rule] | None, bool]:
     """(rule, provisional): the rule that covers ``module``'s own parameters (None: the exact fallback).
 
@@ -104,6 +139,9 @@ def dispatch(module: nn.Module) -> tuple[type[Rule] | None, bool]:
             if rule is not None and rule.covers_subclass(module, base):
                 return rule, bool(rule.traced)
             break
+    for base, rule in REGISTRY.items():  # a copy of a registered class's forward
+        if rule is not None and same_forward(cls, base, rule.param_names) and rule.owns_only_its_params(module):
+            return rule, bool(rule.traced)
     for rule in PROBED:
         if rule.probe(module):
             return rule, True
@@ -120,5 +158,5 @@ def rule_names() -> dict[str, str]:
     return {f"{t.__module__}.{t.__qualname__}": (r.__name__ if r else "fallback") for t, r in REGISTRY.items()}
 
 
-__all__ = ["Call", "Rule", "RULES", "REGISTRY", "PROBED", "register_rule", "find_rule", "dispatch", "LinearRule", "Conv1DRule",
+__all__ = ["Call", "Rule", "RULES", "REGISTRY", "PROBED", "register_rule", "find_rule", "dispatch", "same_forward", "LinearRule", "Conv1DRule",
            "TracedLinearRule", "EmbeddingRule", "NormRule", "Unmappable"]

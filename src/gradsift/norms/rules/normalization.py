@@ -19,9 +19,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from gradsift.norms.rules.base import NotCovered, Rule, add_grad, as_btd, cat_time, suspend_hooks
+
+
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+    """``module(*args)`` with some of its own parameters replaced by ``params`` for the call (what
+    ``torch.func.functional_call`` does, without its bookkeeping: this runs on every call of a norm layer)."""
+    saved = {n: module._parameters[n] for n in params}
+    try:
+        module._parameters.update(params)
+        return module(*args)
+    finally:
+        module._parameters.update(saved)
 
 
 def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
@@ -32,24 +42,24 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
     """
     w = module.weight
     b = module._parameters.get("bias")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(t):
-        return (torch.randn(t.shape, generator=gen) * 0.5 + 0.3).to(dtype=t.dtype, device=t.device)
 
     def call(wv, bv):
         params = {"weight": wv} if b is None else {"weight": wv, "bias": bv}
-        return functional_call(module, params, (x,) + tuple(extra)).float()
+        return _call_with(module, params, (x,) + tuple(extra)).float()
 
     with suspend_hooks(), torch.no_grad():
-        zw = torch.zeros_like(w)
         zb = None if b is None else torch.zeros_like(b)
-        y0 = call(zw, zb)
+        y0 = call(torch.zeros_like(w), zb)
         offset = bool(y0.any())  # c != 0 (Gemma's 1 + w) or a y0 of its own
         xhat = call(torch.ones_like(w), zb)
         if offset:
             xhat = xhat.sub_(y0)
         if y is None:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+
+            def rand(t):
+                return (torch.randn(t.shape, generator=gen) * 0.5 + 0.3).to(dtype=t.dtype, device=t.device)
+
             wv, bv = rand(w), (None if b is None else rand(b))
             y = call(wv, bv)
         else:
@@ -58,7 +68,7 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
             return None
         eps = torch.finfo(y.dtype if y.dtype.is_floating_point else torch.float32).eps
         eps = max(eps, torch.finfo(w.dtype).eps, torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0)
-        # |y - (y0 + xhat w + b)| <= 16 eps (|y| + |y0| + |xhat w| + 1e-6), with few full-size temporaries
+        # |y - (y0 + xhat w + b)| <= 16 eps (|y| + |y0| + |xhat w| + 1e-6), in few full-size passes
         xw = xhat * wv.float()
         err = y.float() - xw
         if bv is not None:
@@ -68,8 +78,7 @@ def _affine_in_params(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None
         bound = xw.abs_().add_(y.abs())
         if offset:
             bound.add_(y0.abs())
-        bound.add_(1e-6).mul_(16 * eps)
-        return xhat if bool((err.abs_() <= bound).all()) else None
+        return xhat if bool(err.abs_().mul_(1.0 / (16 * eps)).sub_(1e-6).le_(bound).all()) else None
 
 
 def _narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,11 +130,11 @@ class NormRule(Rule):
                 raise NotCovered("its output is not y0 + xhat * weight + bias on this call")
             return {"xhat": as_btd(_narrowed(xhat, output.dtype), batch_size)}, output
         with suspend_hooks(), torch.no_grad():
-            one = functional_call(self.module, params, (x,) + tuple(args[1:]))
+            one = _call_with(self.module, params, (x,) + tuple(args[1:]))
             if self._zero_at_zero:  # y(w=0, b=0) was exactly 0 on a first call: c = 0, skip it
                 xhat = one  # in the module's dtype: exactly what it multiplies by w
             else:
-                zero = functional_call(self.module, zeros, (x,) + tuple(args[1:]))
+                zero = _call_with(self.module, zeros, (x,) + tuple(args[1:]))
                 if self._zero_at_zero is None:
                     self._zero_at_zero = bool(torch.isfinite(one).all()) and not bool(zero.any())
                 xhat = _narrowed(one.float() - zero.float(), one.dtype)
