@@ -275,7 +275,7 @@ class _Group:
         ps = form(self.calls, self.trainable, batch_size)
         if ps is None:
             return None
-        sq = sum(g.pow(2).flatten(1).sum(1) for n, g in ps.items() if n in self.names)
+        sq = sum(torch.linalg.vecdot(g.flatten(1), g.flatten(1)) for n, g in ps.items() if n in self.names)
         frozen = self.names - self.trainable
         if frozen:
             sq = sq + self.rule.sq_norms(self.calls, frozen, batch_size)
