@@ -156,25 +156,18 @@ class _Tracer(TorchFunctionMode):
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+_FLAT = (torch.Tensor, *_PLAIN)
 
 
 def _tensor_args(args: tuple, kwargs: dict):
-    """The tensors among a torch call's arguments, nested ones included (as ``tree_leaves`` finds them),
-    without flattening the common flat argument lists (this runs on every op of a scoring forward)."""
-    for group in (args, kwargs.values()):
-        for a in group:
-            if isinstance(a, torch.Tensor):
-                yield a
-            elif not isinstance(a, _PLAIN):
-                yield from (t for t in tree_leaves(a) if isinstance(t, torch.Tensor))
-
-
-def _flat(args: tuple) -> bool:
-    """Are a call's arguments all tensors and plain values (most calls: no nested list to flatten)?"""
-    for a in args:
-        if not isinstance(a, (torch.Tensor, *_PLAIN)):
-            return False
-    return True
+    """The values to look up among a torch call's arguments: the arguments themselves when they are all tensors
+    and plain values (most calls; a plain value is never a parameter), else every tensor nested in them (as
+    ``tree_leaves`` finds them). This runs on every op of a scoring forward."""
+    values = (*args, *kwargs.values()) if kwargs else args
+    for a in values:
+        if not isinstance(a, _FLAT):
+            return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
+    return values
 
 
 def _flag_only_train(module: nn.Module) -> bool:
@@ -214,7 +207,7 @@ class _Usage(TorchFunctionMode):
             return func(*args, **kwargs)
         outside = None
         owner = eng._owner_group
-        for a in (_tensor_args(args, kwargs) if kwargs or not _flat(args) else args):
+        for a in _tensor_args(args, kwargs):
             hit = owner.get(id(a))
             if hit is not None and not hit[0].demoted and not _in_forward(hit[0], eng._running):
                 outside = outside or {}
