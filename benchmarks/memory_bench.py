@@ -276,6 +276,139 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
     }
 
 
+class _HeapPeak:
+    """The most heap bytes in use (glibc's mallinfo2, main arena plus mmapped blocks) after any op, above a base.
+
+    A dispatch mode reads the allocator after every op of the forward and the backward, so
+    transient tensors (an fp32 copy of the logits, their gradient) are counted, not only the
+    ones kept for the backward; an op's internal scratch that it frees before returning is not.
+    """
+
+    def __init__(self):
+        import ctypes
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+        self._info = libc.mallinfo2
+        peak = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                peak.peak = max(peak.peak, peak.in_use() - peak.base)
+                return out
+
+        self.mode = Mode
+        self.base = self.peak = 0
+
+    def in_use(self) -> int:
+        m = self._info()
+        return m.uordblks + m.hblkhd
+
+    def run(self, fn) -> int:
+        import gc
+
+        gc.collect()
+        self.base, self.peak = self.in_use(), 0
+        with self.mode():
+            fn()
+        return self.peak
+
+
+def head_peak(name: str, blocks: list[int], hidden: int = 16, repeats: int = 2) -> dict:
+    """Peak heap bytes, per response token, of the loss at the real output head: plain step vs scoring pass.
+
+    A model with no decoder layer (embedding, final norm, a ``hidden`` x V head in bf16, V
+    the model's real vocabulary) runs a batch of one sample whose response is ``blocks`` times
+    the cross-entropy's rows per block long (whole blocks, so that the per-token slope between
+    two lengths is not moved by a partial block); the
+    plain step backpropagates to the hidden states (as through the layers of a LoRA step),
+    the scoring pass is ``GhostNormEngine(params="all")`` (the head's G_i from its output
+    gradient). Each side is measured as shipped (the cross-entropy and the head's Gram in
+    fp32 blocks) and as before the blocks (``F.cross_entropy`` on an fp32 copy of the
+    logits; the logits' gradient upcast whole), in one run. Two lengths give the per-token
+    slope (the blocks add a constant). The hidden size is small because one of the head's
+    two bf16 matmul layouts runs at ~0.1 GFLOP/s on a CPU without bf16 instructions (418 s
+    for one 32 x 3584 x 152064 product here); the peak is made of (tokens x V) tensors,
+    and the hidden-sized ones it leaves out are a few times d bytes a token on both sides.
+    """
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    import gradsift.losses as losses
+    import gradsift.norms.rules.linear as linear
+    from gradsift.losses import causal_lm_losses
+    from gradsift.norms import GhostNormEngine
+
+    geo = dict(GEOMETRY[name])
+    geo.pop("full_layers")
+    model_type = geo.pop("model_type")
+    vocab = geo["vocab_size"]
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=0, max_position_embeddings=4096,
+                               **dict(geo, vocab_size=EMBED_ROWS, hidden_size=hidden, num_attention_heads=1,
+                                      num_key_value_heads=1))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.lm_head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16)
+        model.config.vocab_size = vocab
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # the plain step's backward reaches the hidden states
+    peak = _HeapPeak()
+
+    def whole_ce(logits, target):  # the loss before the blocks
+        return F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="none")
+
+    def plain(batch):
+        L, out = causal_lm_losses(model, batch)
+        del out
+        L.mean().backward()
+
+    def scoring(batch):
+        # the head's rule as at the real hidden size: the Gram form (auto picks it there below ~3,500 tokens a
+        # sample; at hidden size 16 it would form the per-sample gradients instead)
+        saved_mode, linear.LinearRule.mode = linear.LinearRule.mode, "ghost"
+        try:
+            with GhostNormEngine(model, params="all") as eng:
+                eng.forward(batch)
+                eng.backward()
+        finally:
+            linear.LinearRule.mode = saved_mode
+
+    rows = max(1, losses.LOSS_CHUNK_ELEMENTS // vocab)
+    tokens = [n * rows for n in blocks]
+    out = {"response_tokens": tokens}
+    for variant in ("before", "now"):
+        for side, fn in (("plain", plain), ("scoring", scoring)):
+            per_T = []
+            for K in tokens:
+                T = 2 * K
+                b = batch_of(EMBED_ROWS, 1, T)
+                b["labels"][:, : T - K] = -100
+                saved_ce, saved_chunk = losses.token_cross_entropy, linear.GRAM_CHUNK_ELEMENTS
+                if variant == "before":
+                    losses.token_cross_entropy, linear.GRAM_CHUNK_ELEMENTS = whole_ce, 1 << 62
+                try:
+                    per_T.append(min(peak.run(lambda: fn(b)) for _ in range(repeats)))
+                finally:
+                    losses.token_cross_entropy, linear.GRAM_CHUNK_ELEMENTS = saved_ce, saved_chunk
+            slope = (per_T[-1] - per_T[0]) / (tokens[-1] - tokens[0])
+            out[f"{side}_{variant}"] = {"peaks": per_T, "bytes_per_token": slope,
+                                        "bytes_per_logit": slope / vocab}
+            log(f"{name} head, {side} {variant}: peaks {[round(p / 2**20) for p in per_T]} MiB, "
+                f"{slope / 1024:.0f} KiB per response token ({slope / vocab:.2f} bytes a logit)")
+    return out
+
+
 def extrapolate(m: dict, n_full: int, lora_full: int, layers: int, micro: int, T: int, window: int) -> dict:
     tokens = micro * T
     weights = n_full * 2
@@ -305,6 +438,10 @@ def main() -> None:
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     ap.add_argument("--target-len", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--window", type=int, default=32, help="samples per optimizer step (the paper's 32)")
+    ap.add_argument("--head-blocks", type=int, nargs="*", default=[2, 4],
+                    help="response lengths, in cross-entropy blocks, for the output head's transient peak "
+                         "(two; none to skip)")
+    ap.add_argument("--head-hidden", type=int, default=16, help="hidden size of the head-only model")
     ap.add_argument("--json", default=None)
     ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                     help="run the backward passes too (default: on a GPU only). Without it the engine's kept "
@@ -317,6 +454,7 @@ def main() -> None:
     torch.set_grad_enabled(True)
     report = {}
     for name in args.models:
+        head = head_peak(name, args.head_blocks, args.head_hidden) if len(args.head_blocks) >= 2 else None
         model, full, n_full = build(name, args.layers, args.lora_r)
         lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         lora_full = lora // args.layers * full
@@ -329,7 +467,7 @@ def main() -> None:
             for micro in args.micro:
                 rows.append({"micro": micro, "T": T, **extrapolate(m, n_full, lora_full, full, micro, T, args.window)})
         report[name] = {"layers_built": args.layers, "full_layers": full, "params_full": n_full,
-                        "lora_params_full": lora_full, "per_token": runs, "extrapolated": rows}
+                        "lora_params_full": lora_full, "per_token": runs, "extrapolated": rows, "head_peak": head}
         print(f"\n== {name}: {full} layers, {n_full / 1e9:.2f}B parameters, LoRA r={args.lora_r}: "
               f"{lora_full / 1e6:.1f}M")
         print("bytes per token per layer    " + "  ".join(f"T={r['T']:>5}" for r in runs))
@@ -338,6 +476,14 @@ def main() -> None:
         print("bytes per token outside the layers")
         for key in ("plain_outside", "engine_saved_outside", "captured_outside", "kept_after_backward_outside"):
             print(f"  {key:<26} " + "  ".join(f"{r[key]:>7.0f}" for r in runs))
+        if head:
+            print("transient peak at the output head, bytes per response token (before the blocks / now)")
+            for side in ("plain", "scoring"):
+                b, n = head[side + "_before"], head[side + "_now"]
+                print(f"  {side:<26} {b['bytes_per_token']:>9.0f} / {n['bytes_per_token']:>9.0f}   "
+                      f"({b['bytes_per_logit']:.2f} / {n['bytes_per_logit']:.2f} bytes a logit; peaks "
+                      f"{[round(p / 2**20) for p in b['peaks']]} / {[round(p / 2**20) for p in n['peaks']]} MiB "
+                      f"at {head['response_tokens']} tokens)")
         r = runs[-1]
         measured = r["lora_rows_measured_per_sample"]
         print(f"per-sample LoRA gradient row: {r['lora_rows_bytes_per_sample'] / 2**20:.1f} MiB per layer built"

@@ -321,17 +321,17 @@ class _TiedGroup(_Group):
         Keeps the head's squared norms, its input H and M[b, t, s] = D[b, t, x_s] (the
         logits gradient at the embedded tokens' columns, all the cross term needs).
         """
-        H, D = self.head._factors(self.head_calls, batch_size)
+        H, D = self.head._factors(self.head_calls, batch_size, upcast_grad=False)  # D: no fp32 copy of the logits'
         sq = torch.zeros(batch_size, dtype=torch.float32, device=D.device)
         if "weight" in self.names:
             sq += gram_or_materialize(H, D)
         if "bias" in self.names:
-            sq += D.sum(dim=1).pow(2).sum(-1)
+            sq += D.sum(dim=1, dtype=torch.float32).pow(2).sum(-1)
         M = {}
         if "weight" in self.names:
             for c in self.emb_calls:
                 ids = c.ctx["ids"]
-                M[id(c)] = torch.gather(D, 2, ids.unsqueeze(1).expand(batch_size, D.shape[1], ids.shape[1]))
+                M[id(c)] = torch.gather(D, 2, ids.unsqueeze(1).expand(batch_size, D.shape[1], ids.shape[1])).float()
         self._head = (sq, H, M)
         if not keep:
             for c in self.head_calls:

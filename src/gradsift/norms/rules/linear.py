@@ -15,6 +15,28 @@ from gradsift.norms.rules.base import Call, Rule, add_grad, as_btd, cat_time
 
 # Upper bound on the floats of per-sample gradients materialized at once.
 MATERIALIZE_BUDGET = 2**26
+# Upper bound on the elements of a narrower-than-fp32 factor upcast at once for its Gram: a wide
+# output gradient (the logits', B x T x vocabulary) is never copied to fp32 whole.
+GRAM_CHUNK_ELEMENTS = 2**24
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """X X^T per sample, (B, T, T) in fp32, of a (B, T, d) factor in any floating dtype.
+
+    A bf16/fp16 factor larger than ``GRAM_CHUNK_ELEMENTS`` is upcast a block of columns
+    at a time (X X^T = sum over column blocks c of X_c X_c^T, accumulated in fp32).
+    """
+    if X.dtype == torch.float32 or X.numel() <= GRAM_CHUNK_ELEMENTS:
+        Xf = X.float()
+        return torch.bmm(Xf, Xf.transpose(1, 2))
+    B, T, d = X.shape
+    cols = max(1, GRAM_CHUNK_ELEMENTS // max(1, B * T))
+    out = torch.zeros(B, T, T, dtype=torch.float32, device=X.device)
+    for c in range(0, d, cols):
+        Xc = X[..., c : c + cols].float()
+        out.baddbmm_(Xc, Xc.transpose(1, 2))
+        del Xc  # freed before the next block is formed
+    return out
 
 
 class GramCache:
@@ -106,6 +128,7 @@ def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
                         cache: GramCache | None = None, raw: torch.Tensor | None = None) -> torch.Tensor:
     """sum over t,s of (a_t . a_s)(g_t . g_s) per sample, i.e. ||G^T A||_F^2, for (B,T,d) inputs.
 
+    ``G`` may be in a narrower dtype than fp32 (it is upcast in blocks: see :func:`gram`).
     With ``cache``, A A^T comes from the cache under ``raw`` (the registered capture of
     which ``A`` is the fp32 view).
     """
@@ -114,13 +137,22 @@ def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
     mode = _ghost_mode(T, d_in, d_out, mode)
     if mode == "ghost":
         aa = cache.gram(raw if raw is not None else A) if cache is not None else torch.bmm(A, A.transpose(1, 2))
-        gg = torch.bmm(G, G.transpose(1, 2))
+        gg = gram(G)
         return torch.linalg.vecdot(aa.reshape(B, -1), gg.reshape(B, -1))  # sum_{t,s}, without a (B, T, T) product
-    out = torch.empty(B, dtype=torch.float32, device=A.device)
-    step = max(1, MATERIALIZE_BUDGET // max(1, d_in * d_out))
+    # ||G^T A||^2 = sum over blocks c of G's columns of ||G_c^T A||^2: per-sample gradients (and fp32 copies of a
+    # narrower G) are formed a block of samples and of columns at a time, within both budgets
+    out = torch.zeros(B, dtype=torch.float32, device=A.device)
+    cols = d_out if G.dtype == torch.float32 else max(1, min(d_out, GRAM_CHUNK_ELEMENTS // max(1, T)))
+    cols = max(1, min(cols, MATERIALIZE_BUDGET // max(1, d_in)))
+    step = max(1, MATERIALIZE_BUDGET // max(1, d_in * cols))
+    if G.dtype != torch.float32:
+        step = max(1, min(step, GRAM_CHUNK_ELEMENTS // max(1, T * cols)))
     for s in range(0, B, step):
-        per_sample = torch.bmm(G[s : s + step].transpose(1, 2), A[s : s + step])
-        out[s : s + step] = per_sample.pow(2).sum(dim=(1, 2))
+        As = A[s : s + step].float()
+        for c in range(0, d_out, cols):
+            per_sample = torch.bmm(G[s : s + step, :, c : c + cols].float().transpose(1, 2), As)
+            out[s : s + step] += per_sample.pow(2).sum(dim=(1, 2))
+            del per_sample
     return out
 
 
@@ -140,10 +172,11 @@ class LinearRule(Rule):
             ctx["gram"] = True
         return ctx, output
 
-    def _factors(self, calls: list[Call], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, calls: list[Call], batch_size: int, upcast_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input A (fp32) and output gradient G (fp32; in its own dtype without ``upcast_grad``) of the calls."""
         A = cat_time([c.ctx["A"] for c in calls]).float()
-        G = cat_time([as_btd(c.grad, batch_size) for c in calls]).float()
-        return A, G
+        G = cat_time([as_btd(c.grad, batch_size) for c in calls])
+        return A, (G.float() if upcast_grad else G)
 
     def _release_grams(self, calls: list[Call], used: Call | None = None) -> None:
         for c in calls:
@@ -151,7 +184,7 @@ class LinearRule(Rule):
                 self.gram_cache.release(c.ctx["A"])
 
     def sq_norms(self, calls, names, batch_size):
-        A, G = self._factors(calls, batch_size)
+        A, G = self._factors(calls, batch_size, upcast_grad=False)
         out = torch.zeros(batch_size, dtype=torch.float32, device=A.device)
         shared = calls[0] if len(calls) == 1 and "weight" in names and calls[0].ctx.get("gram") else None
         self._release_grams(calls, used=shared)
@@ -165,10 +198,11 @@ class LinearRule(Rule):
     def per_sample_grads(self, calls, names, batch_size) -> dict[str, torch.Tensor] | None:
         """Per-sample gradients (B, *shape), fp32, of the parameters in ``names``, when they take fewer
         numbers than the factors A and G they come from (LoRA factors: r x d against T x (d + r)); else None."""
-        A, G = self._factors(calls, batch_size)
-        T, d_in, d_out = A.shape[1], A.shape[-1], G.shape[-1]
+        T = sum(c.ctx["A"].shape[1] for c in calls)
+        d_in, d_out = calls[0].ctx["A"].shape[-1], calls[0].grad.shape[-1]
         if d_in * d_out > T * (d_in + d_out):
             return None
+        A, G = self._factors(calls, batch_size)
         self._release_grams(calls)
         out = {}
         if "weight" in names:
@@ -182,7 +216,7 @@ class LinearRule(Rule):
 
     def _bias_grads(self, calls: list[Call], batch_size: int) -> torch.Tensor:
         """Per-sample bias gradients (B, d_out), from the calls that added the bias."""
-        used = [as_btd(c.grad, batch_size).float().sum(dim=1) for c in calls if c.ctx.get("bias", True)]
+        used = [as_btd(c.grad, batch_size).sum(dim=1, dtype=torch.float32) for c in calls if c.ctx.get("bias", True)]
         if not used:
             return torch.zeros(batch_size, calls[0].grad.shape[-1], device=calls[0].grad.device)
         return torch.stack(used).sum(dim=0)
