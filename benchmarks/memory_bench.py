@@ -27,7 +27,9 @@ to the full depth for a micro-batch m and length T:
 
 (LoRA states: fp32 parameter, gradient and two AdamW moments = 16 bytes a parameter.)
 Transient workspace (a matmul's output before it is freed, the allocator's slack) is
-not counted on either side.
+not counted on either side there. The largest transient, at the output head, is
+measured on its own (``head_peak``: the heap's peak per response token, plain vs
+scoring, with the loss in blocks and as before them).
 
     python benchmarks/memory_bench.py                    # both models, 1 layer, T = 32 and 64
     python benchmarks/memory_bench.py --layers 2 --seq-lens 256 512 --json out.json
