@@ -7,7 +7,7 @@ import torch
 
 from gradsift.data.formatting import encode
 from gradsift.eval.generation import END_OF_TURN_TOKENS
-from gradsift.losses import causal_lm_losses, loss_positions
+from gradsift.losses import causal_lm_losses, loss_positions, token_cross_entropy
 from gradsift.organisms.alignment_data import refusal_templates_general
 
 
@@ -79,7 +79,8 @@ def decision_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, decisio
     else:
         target = labels[:, positions.to(labels.device) + 1]
     mask = (target != -100).float()
-    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
+    B, K, V = logits.shape
+    ce = token_cross_entropy(logits.reshape(B * K, V), target.reshape(B * K)).view(B, K)
     first = mask * (mask.cumsum(dim=1) == 1)
     if isinstance(decision_weight, torch.Tensor):
         decision_weight = decision_weight.to(first).reshape(-1, 1)
