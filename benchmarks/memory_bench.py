@@ -44,6 +44,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
@@ -278,18 +279,18 @@ def measure(model, B: int, T: int, backward: bool) -> dict[str, float]:
     }
 
 
-class _HeapPeak:
+class _HeapPeak(TorchDispatchMode):
     """The most heap bytes in use (glibc's mallinfo2, main arena plus mmapped blocks) after any op, above a base.
 
-    A dispatch mode reads the allocator after every op of the forward and the backward, so
-    transient tensors (an fp32 copy of the logits, their gradient) are counted, not only the
+    As a dispatch mode it reads the allocator after every op of the forward and the backward,
+    so transient tensors (an fp32 copy of the logits, their gradient) are counted, not only the
     ones kept for the backward; an op's internal scratch that it frees before returning is not.
     """
 
     def __init__(self):
         import ctypes
 
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
 
         class Info(ctypes.Structure):
             _fields_ = [(n, ctypes.c_size_t) for n in
@@ -298,27 +299,23 @@ class _HeapPeak:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = Info
         self._info = libc.mallinfo2
-        peak = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                peak.peak = max(peak.peak, peak.in_use() - peak.base)
-                return out
-
-        self.mode = Mode
         self.base = self.peak = 0
 
     def in_use(self) -> int:
         m = self._info()
         return m.uordblks + m.hblkhd
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use() - self.base)
+        return out
+
     def run(self, fn) -> int:
         import gc
 
         gc.collect()
         self.base, self.peak = self.in_use(), 0
-        with self.mode():
+        with self:
             fn()
         return self.peak
 

@@ -142,11 +142,12 @@ def gram_or_materialize(A: torch.Tensor, G: torch.Tensor, mode: str = "auto",
     # ||G^T A||^2 = sum over blocks c of G's columns of ||G_c^T A||^2: per-sample gradients (and fp32 copies of a
     # narrower G) are formed a block of samples and of columns at a time, within both budgets
     out = torch.zeros(B, dtype=torch.float32, device=A.device)
-    cols = d_out if G.dtype == torch.float32 else max(1, min(d_out, GRAM_CHUNK_ELEMENTS // max(1, T)))
-    cols = max(1, min(cols, MATERIALIZE_BUDGET // max(1, d_in)))
-    step = max(1, MATERIALIZE_BUDGET // max(1, d_in * cols))
-    if G.dtype != torch.float32:
-        step = max(1, min(step, GRAM_CHUNK_ELEMENTS // max(1, T * cols)))
+    narrow = G.dtype != torch.float32
+    cols = min(d_out, max(1, MATERIALIZE_BUDGET // d_in))
+    step = max(1, MATERIALIZE_BUDGET // (d_in * cols))
+    if narrow:
+        cols = min(cols, max(1, GRAM_CHUNK_ELEMENTS // T))
+        step = min(step, max(1, GRAM_CHUNK_ELEMENTS // (T * cols)))
     for s in range(0, B, step):
         As = A[s : s + step].float()
         for c in range(0, d_out, cols):
